@@ -1,0 +1,3 @@
+from instructseg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""The one error type users see: a single line naming the file or argument and what is wrong."""
+
+
+class InputError(Exception):
+    """Bad user input (a file, an argument, a dataset layout). The CLI prints it as one line and exits 2."""
