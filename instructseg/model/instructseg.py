@@ -1,0 +1,188 @@
+"""InstructSegModel: vision encoder + OVP + LLM (LoRA) + VMTF + mask decoder, assembled from a `ModelConfig`.
+
+Data flow (one prompt): the key frame's CLIP tokens are pooled and projected into `<img>` slots; OVP summarises the
+reference frames, guided by the instruction's word embeddings, into `<ref>` slots; learnable mask queries fill `<mq>`
+slots. The LLM's last hidden states give (a) the answer text with [SEG] tokens, (b) object embeddings ([SEG] states
+for sam2, mask-query states for mask2former) and (c) the instruction span, which VMTF fuses with the decoder's fine
+visual features into E_v. The decoder turns those prompts into masks.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from instructseg.config import ModelConfig
+from instructseg.decoders.base import FrameFeatures, MaskDecoder, Prompts
+from instructseg.llm.loading import load_causal_lm, load_tokenizer
+from instructseg.llm.lora import apply_lora
+from instructseg.model.fusion import TextFusion
+from instructseg.model.outputs import Generation, InstructSegOutput, ModelInputs
+from instructseg.model.perceiver import ObjectAwarePerceiver
+from instructseg.model.tokens import IMG, MQ, REF, SEG, PromptLayout
+from instructseg.model.vision import VisionEncoder
+
+MAX_LENGTH = 512
+
+
+def build_decoder(config: ModelConfig) -> MaskDecoder:
+    kind = config.decoder.kind
+    if kind == "sam2":
+        from instructseg.decoders.sam2 import SAM2Decoder
+
+        return SAM2Decoder.from_config(config.decoder)
+    if kind == "mask2former":
+        from instructseg.decoders.mask2former import Mask2FormerDecoder
+
+        return Mask2FormerDecoder.from_config(config.decoder)
+    from instructseg.errors import InputError
+
+    raise InputError(f"decoder.kind={kind!r}: expected 'sam2' or 'mask2former'")
+
+
+def _mlp(inp: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, out), nn.GELU(), nn.Linear(out, out))
+
+
+class InstructSegModel(nn.Module):
+    """Build with `InstructSegModel(config)` or `InstructSegModel.from_pretrained(dir_or_preset)`."""
+
+    def __init__(self, config: ModelConfig, *, base_dir: Path | None = None, load_pretrained: bool = True):
+        super().__init__()
+        self.config = config
+        self.tokenizer = load_tokenizer(config.llm, base_dir)
+        grid = config.visual_grid
+        num_ref = config.perceiver.num_latents * config.perceiver.num_ref_frames
+        num_queries = config.decoder.num_queries
+        self.layout = PromptLayout(self.tokenizer, system_prompt=config.llm.system_prompt, num_visual=grid * grid,
+                                   num_ref=num_ref, num_queries=num_queries, max_length=MAX_LENGTH)
+        self.token_ids = self.layout.ids
+        llm = load_causal_lm(config.llm, len(self.tokenizer), base_dir)
+        hidden = llm.config.hidden_size
+        self.llm = apply_lora(llm, config.llm, trainable_tokens=[self.token_ids[SEG]])
+        self.vision = VisionEncoder.from_config(config.vision, load_weights=load_pretrained)
+        self.vision.requires_grad_(not config.vision.freeze)
+        self.decoder = build_decoder(config)
+        dim = self.decoder.hidden_dim
+        p = config.perceiver
+        self.projector = _mlp(self.vision.width, hidden)
+        self.perceiver = ObjectAwarePerceiver(vision_width=self.vision.width, text_width=hidden, out_dim=hidden,
+                                              dim=p.dim, num_latents=p.num_latents, layers=p.layers, heads=p.heads)
+        self.mask_queries = nn.Parameter(torch.randn(num_queries, hidden) * 0.02)
+        self.object_proj = _mlp(hidden, dim)
+        f = config.fusion
+        self.fusion = TextFusion(text_width=hidden, dim=dim, layers=f.layers, heads=f.heads,
+                                 max_detail_tokens=f.max_detail_tokens)
+
+    # -- construction helpers -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path, **kwargs) -> "InstructSegModel":
+        from instructseg.model.checkpoint import load_model
+
+        return load_model(name_or_dir, **kwargs)
+
+    def save_pretrained(self, directory: str | Path, *, merge_lora: bool = False) -> None:
+        from instructseg.model.checkpoint import save_model
+
+        save_model(self, Path(directory), merge_lora=merge_lora)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mask_queries.device
+
+    # -- embedding the prompt -------------------------------------------------------------------------------
+    def visual_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> raw CLIP patch tokens (B, P, Cv)."""
+        return self.vision(frames)
+
+    def embed(self, inputs: ModelInputs, key_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with `<img>`, `<ref>` and `<mq>` slots filled: (B, L, hidden)."""
+        ids = inputs.input_ids
+        embeds = self.llm.get_input_embeddings()(ids)
+        key = self.visual_tokens(inputs.frames) if key_tokens is None else key_tokens
+        b, _, width = key.shape
+        side = self.vision.grid
+        pooled = F.adaptive_avg_pool2d(key.transpose(1, 2).reshape(b, width, *side), self.config.visual_grid)
+        visual = self.projector(pooled.flatten(2).transpose(1, 2))
+        if inputs.ref_frames is None:
+            refs = key[:, None].expand(b, self.config.perceiver.num_ref_frames, *key.shape[1:])
+        else:
+            refs = self.visual_tokens(inputs.ref_frames.flatten(0, 1)).unflatten(0, inputs.ref_frames.shape[:2])
+        ovp = self.perceiver(refs, embeds, inputs.instruction_mask)
+        slots = [(IMG, visual), (REF, ovp)]
+        if self.mask_queries.shape[0]:
+            slots.append((MQ, self.mask_queries.expand(b, -1, -1)))
+        for token, values in slots:
+            where = ids == self.token_ids[token]
+            if int(where.sum()) != values.shape[0] * values.shape[1]:
+                raise ValueError(f"{token}: {int(where.sum())} slots in input_ids, {values.shape[1]} per sample "
+                                 "expected: the prompt was not built by this model's PromptLayout")
+            embeds = embeds.masked_scatter(where[..., None], values.to(embeds.dtype))
+        return embeds
+
+    # -- prompts for the decoder ----------------------------------------------------------------------------
+    def prompts(self, hidden: torch.Tensor, input_ids: torch.Tensor, instruction_mask: torch.Tensor,
+                features: FrameFeatures) -> Prompts:
+        """Decoder prompts from the last hidden states (B, L, hidden) of a full sequence."""
+        token = SEG if self.config.decoder.kind == "sam2" else MQ
+        where = input_ids == self.token_ids[token]
+        counts = where.sum(1)
+        n = int(counts.max()) if counts.numel() else 0
+        b = hidden.shape[0]
+        slots = hidden.new_zeros(b, n, hidden.shape[-1])
+        valid = torch.arange(n, device=hidden.device)[None] < counts[:, None]
+        slots = slots.masked_scatter(valid[..., None], hidden[where])
+        text = self.fusion(hidden.to(features.tokens.dtype), instruction_mask, features.tokens)
+        return Prompts(object_embeds=self.object_proj(slots.to(text.dtype)), object_valid=valid, text_embed=text)
+
+    # -- forward / generate ---------------------------------------------------------------------------------
+    def forward(self, inputs: ModelInputs) -> InstructSegOutput:
+        features = self.decoder.encode(inputs.frames)
+        out = self.llm(inputs_embeds=self.embed(inputs), attention_mask=inputs.attention_mask,
+                       output_hidden_states=True)
+        prompts = self.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
+        decoded = self.decoder.decode(features, prompts)
+        return InstructSegOutput(logits=out.logits, mask_logits=decoded.mask_logits,
+                                 score_logits=decoded.score_logits, object_valid=prompts.object_valid,
+                                 text_embed=prompts.text_embed)
+
+    @torch.no_grad()
+    def generate(self, inputs: ModelInputs, *, max_new_tokens: int | None = None,
+                 features: FrameFeatures | None = None) -> Generation:
+        """Greedy answer for one prompt (B = 1); every [SEG] in it becomes one object."""
+        if inputs.input_ids.shape[0] != 1:
+            raise ValueError("generate takes one prompt at a time")
+        features = self.decoder.encode(inputs.frames) if features is None else features
+        embeds = self.embed(inputs)
+        eos = self.tokenizer.eos_token_id
+        new = self.llm.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask, do_sample=False,
+                                max_new_tokens=max_new_tokens or self.config.llm.max_new_tokens,
+                                eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)
+        full_ids = torch.cat([inputs.input_ids, new], dim=1)
+        full = torch.cat([embeds, self.llm.get_input_embeddings()(new)], dim=1)
+        mask = torch.ones_like(full_ids)
+        hidden = self.llm(inputs_embeds=full, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        instruction = F.pad(inputs.instruction_mask, (0, new.shape[1]), value=False)
+        prompts = self.prompts(hidden, full_ids, instruction, features)
+        num_objects = int((new == self.token_ids[SEG]).sum())
+        if self.config.decoder.kind == "mask2former":
+            prompts = self._top_queries(features, prompts, num_objects)
+        raw = self.tokenizer.decode(new[0], skip_special_tokens=False)
+        raw = raw.split(self.tokenizer.eos_token)[0] if self.tokenizer.eos_token else raw
+        text = " ".join(raw.replace(SEG, " ").split())
+        return Generation(text=text, raw_text=raw.strip(), num_objects=num_objects, prompts=prompts,
+                          features=features)
+
+    def _top_queries(self, features: FrameFeatures, prompts: Prompts, k: int) -> Prompts:
+        """mask2former: keep the k queries that match the instruction best (k = number of [SEG])."""
+        scores = self.decoder.decode(features, prompts).score_logits[0]
+        keep = scores.topk(min(k, scores.numel())).indices.sort().values
+        return Prompts(object_embeds=prompts.object_embeds[:, keep], object_valid=prompts.object_valid[:, keep],
+                       text_embed=prompts.text_embed)
+
+
+def load_model(name_or_dir: str | Path, **kwargs) -> InstructSegModel:
+    """A preset name ("tiny", "smol", "default") or a directory written by `save_pretrained`."""
+    return InstructSegModel.from_pretrained(name_or_dir, **kwargs)

@@ -1,0 +1,75 @@
+"""Typed values in and out of `InstructSegModel`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from instructseg.decoders.base import FrameFeatures, Prompts
+
+
+@dataclass
+class ModelInputs:
+    """One batch of B prompts (S = decoder image size, R = reference frames, L = tokens).
+
+    frames:           (B, 3, S, S) key frames, floats in [0, 1], for the decoder and the vision encoder.
+    ref_frames:       (B, R, 3, S, S) reference frames for OVP, or None for images (the key frame is its own
+                      reference).
+    input_ids:        (B, L) long, right-padded.
+    attention_mask:   (B, L) long.
+    instruction_mask: (B, L) bool, True on the user's instruction tokens.
+    labels:           (B, L) long with -100 outside answers, or None.
+    """
+
+    frames: torch.Tensor
+    ref_frames: torch.Tensor | None
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    instruction_mask: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelInputs":
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if torch.is_tensor(value):
+                value = value.to(device)
+                if dtype is not None and value.is_floating_point():
+                    value = value.to(dtype)
+            moved[f.name] = value
+        return ModelInputs(**moved)
+
+
+@dataclass
+class InstructSegOutput:
+    """What `InstructSegModel.forward` returns (no loss: losses live in `instructseg.train.losses`).
+
+    logits:       (B, L, V) next-token logits.
+    mask_logits:  (B, N, S, S) one mask per object slot (sam2: the i-th [SEG] of each answer; mask2former: query i).
+    score_logits: (B, N) object presence (sam2) or query-instruction match (mask2former); padding slots -1e4.
+    object_valid: (B, N) bool, False on padding slots.
+    text_embed:   (B, C) the VMTF text embedding E_v.
+    """
+
+    logits: torch.Tensor
+    mask_logits: torch.Tensor
+    score_logits: torch.Tensor
+    object_valid: torch.Tensor
+    text_embed: torch.Tensor
+
+
+@dataclass
+class Generation:
+    """A generated answer for one prompt (B = 1).
+
+    text:        the answer without special tokens. raw_text: as generated, with [SEG] tokens.
+    num_objects: how many [SEG] tokens the answer holds (each is one object).
+    prompts:     decoder prompts with exactly `num_objects` object slots (B = 1).
+    features:    the key frame's decoder features, reusable for decoding.
+    """
+
+    text: str
+    raw_text: str
+    num_objects: int
+    prompts: Prompts
+    features: FrameFeatures
