@@ -92,6 +92,15 @@ def load_tokenizer(cfg: LLMConfig, base: Path | None = None):
         raise InputError(f"llm.source={cfg.source!r}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
 
 
+@torch.no_grad()
+def _init_new_rows(model, old: int) -> None:
+    """New token rows = the mean of the old ones: deterministic, so a model that references its base LLM rebuilds
+    the same embeddings on every load (the adapter then never has to carry the whole matrix)."""
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if layer is not None and layer.weight.shape[0] > old:
+            layer.weight[old:] = layer.weight[:old].mean(0)
+
+
 def load_causal_lm(cfg: LLMConfig, vocab_size: int, base: Path | None = None):
     """The base causal LM (random weights when `cfg.random_init`), resized to `vocab_size` tokens."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -110,8 +119,10 @@ def load_causal_lm(cfg: LLMConfig, vocab_size: int, base: Path | None = None):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as err:
         raise InputError(f"llm.source={cfg.source!r}: cannot load the model ({str(err).splitlines()[0]})") from None
-    if model.get_input_embeddings().num_embeddings != vocab_size:
+    old = model.get_input_embeddings().num_embeddings
+    if old != vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
+        _init_new_rows(model, old)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

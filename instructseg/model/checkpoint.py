@@ -52,8 +52,8 @@ def save_model(model, directory: Path, *, merge_lora: bool = False) -> None:
         llm = copy.deepcopy(llm).merge_and_unload()
         has_lora = False
     elif has_lora:
-        llm.save_pretrained(tmp / "adapter")
-        llm = llm.get_base_model()
+        llm.save_pretrained(tmp / "adapter", save_embedding_layers=False)  # new rows are rebuilt on load
+        llm = copy.deepcopy(llm).unload() if config.llm.random_init else None
     if config.llm.random_init or not (config.llm.use_lora == has_lora):
         llm.save_pretrained(tmp / "llm")
         config.llm.source, config.llm.gguf_file, config.llm.random_init, config.llm.arch = "llm", None, False, {}
@@ -82,8 +82,16 @@ def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", s
     except (RuntimeError, ValueError) as err:
         raise InputError(f"{path}: cannot build the model its config.json describes ({err})") from None
     _load_own_state(model, path / WEIGHTS)
+    trained = f"trained ({path / WEIGHTS})"
+    for part in model.weight_sources:
+        if part not in ("llm", "lora") and not (part == "vision" and not any(
+                k.startswith("vision.") for k in _own_state(model))):
+            model.weight_sources[part] = trained
+    if config.llm.source == "llm":
+        model.weight_sources["llm"] = f"saved with the model ({path / 'llm'})"
     if config.llm.use_lora and (path / "adapter").is_dir():
         _load_adapter(model, path / "adapter")
+        model.weight_sources["lora"] = f"trained adapter ({path / 'adapter'})"
     return model.to(device)
 
 

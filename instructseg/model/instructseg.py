@@ -75,6 +75,7 @@ class InstructSegModel(nn.Module):
         f = config.fusion
         self.fusion = TextFusion(text_width=hidden, dim=dim, layers=f.layers, heads=f.heads,
                                  max_detail_tokens=f.max_detail_tokens)
+        self.weight_sources = _initial_sources(config, load_pretrained)
 
     # -- construction helpers -------------------------------------------------------------------------------
     @classmethod
@@ -150,8 +151,9 @@ class InstructSegModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, inputs: ModelInputs, *, max_new_tokens: int | None = None,
-                 features: FrameFeatures | None = None) -> Generation:
-        """Greedy answer for one prompt (B = 1); every [SEG] in it becomes one object."""
+                 features: FrameFeatures | None = None, **generate_kwargs) -> Generation:
+        """Greedy answer for one prompt (B = 1); every [SEG] in it becomes one object. `generate_kwargs` go to
+        transformers' `generate` (e.g. a `logits_processor`)."""
         if inputs.input_ids.shape[0] != 1:
             raise ValueError("generate takes one prompt at a time")
         features = self.decoder.encode(inputs.frames) if features is None else features
@@ -159,7 +161,8 @@ class InstructSegModel(nn.Module):
         eos = self.tokenizer.eos_token_id
         new = self.llm.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask, do_sample=False,
                                 max_new_tokens=max_new_tokens or self.config.llm.max_new_tokens,
-                                eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)
+                                eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id,
+                                suppress_tokens=[self.token_ids[t] for t in (IMG, REF, MQ)], **generate_kwargs)
         full_ids = torch.cat([inputs.input_ids, new], dim=1)
         full = torch.cat([embeds, self.llm.get_input_embeddings()(new)], dim=1)
         mask = torch.ones_like(full_ids)
@@ -181,6 +184,18 @@ class InstructSegModel(nn.Module):
         keep = scores.topk(min(k, scores.numel())).indices.sort().values
         return Prompts(object_embeds=prompts.object_embeds[:, keep], object_valid=prompts.object_valid[:, keep],
                        text_embed=prompts.text_embed)
+
+
+def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, str]:
+    """Where each component's weights come from, for `instructseg model info`."""
+    llm = "random init" if config.llm.random_init else f"pretrained ({config.llm.source})"
+    vision = f"pretrained ({config.vision.name}, {config.vision.pretrained})" if (
+        config.vision.pretrained and load_pretrained) else "random init"
+    decoder = f"pretrained ({config.decoder.checkpoint})" if config.decoder.checkpoint else "random init"
+    sources = {"llm": llm, "lora": "new (no adapter loaded)", "vision": vision, "decoder": decoder}
+    for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion"):
+        sources[part] = "random init"
+    return sources
 
 
 def load_model(name_or_dir: str | Path, **kwargs) -> InstructSegModel:

@@ -1,0 +1,192 @@
+"""Losses: LM CE, BCE / dice, Hungarian matching, and `SegmentationLoss` in both slot modes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from instructseg.model.outputs import InstructSegOutput
+from instructseg.model.tokens import IGNORE_INDEX
+from instructseg.train.losses import (LossWeights, SegmentationLoss, dice_loss, hungarian_match, lm_loss,
+                                      sigmoid_bce)
+
+V, L, S = 11, 7, 16
+
+
+def make_outputs(mask_logits: torch.Tensor, score_logits: torch.Tensor | None = None,
+                 valid: torch.Tensor | None = None, batch: int | None = None) -> InstructSegOutput:
+    """Leaf tensors requiring grad; padding slots get score -1e4 like the model's."""
+    b, n = mask_logits.shape[:2]
+    valid = torch.ones(b, n, dtype=torch.bool) if valid is None else valid
+    scores = torch.randn(b, n) if score_logits is None else score_logits.clone()
+    scores = scores.masked_fill(~valid, -1e4)
+    return InstructSegOutput(logits=torch.randn(b, L, V, requires_grad=True),
+                             mask_logits=mask_logits.detach().clone().requires_grad_(True),
+                             score_logits=scores.detach().requires_grad_(True), object_valid=valid,
+                             text_embed=torch.randn(b, 8))
+
+
+def make_labels(batch: int) -> torch.Tensor:
+    labels = torch.full((batch, L), IGNORE_INDEX)
+    labels[:, 4:] = torch.randint(0, V, (batch, L - 4))
+    return labels
+
+
+def boxes(k: int, size: int = S, seed: int = 0) -> torch.Tensor:
+    """k distinct random rectangles (k, size, size) bool."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(k, size, size, dtype=torch.bool)
+    for j in range(k):
+        y0, x0 = torch.randint(0, size // 2, (2,), generator=g).tolist()
+        h, w = torch.randint(size // 4, size // 2, (2,), generator=g).tolist()
+        out[j, y0:y0 + h, x0:x0 + w] = True
+    return out
+
+
+def sharp(targets: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    return (targets.float() * 2 - 1) * scale
+
+
+def test_lm_loss_matches_manual_shifted_ce():
+    torch.manual_seed(0)
+    logits = torch.randn(2, L, V, requires_grad=True)
+    labels = make_labels(2)
+    labels[1, 5] = IGNORE_INDEX
+    terms = [F.cross_entropy(logits[b, t][None], labels[b, t + 1][None])
+             for b in range(2) for t in range(L - 1) if labels[b, t + 1] != IGNORE_INDEX]
+    assert torch.allclose(lm_loss(logits, labels), torch.stack(terms).mean(), atol=1e-6)
+
+
+def test_lm_loss_without_labels_is_zero_and_differentiable():
+    logits = torch.randn(2, L, V, requires_grad=True)
+    loss = lm_loss(logits, torch.full((2, L), IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad is not None and not logits.grad.any()
+
+
+def test_bce_and_dice_perfect_vs_inverted():
+    targets = boxes(3)
+    assert sigmoid_bce(sharp(targets), targets) < 1e-6 and dice_loss(sharp(targets), targets) < 1e-6
+    assert sigmoid_bce(-sharp(targets), targets) > 10 and dice_loss(-sharp(targets), targets) > 0.99
+
+
+@pytest.mark.parametrize("size,num_points", [(S, 0), (96, 0), (S, 256)])
+def test_hungarian_recovers_permutation(size, num_points):
+    torch.manual_seed(0)
+    targets = boxes(4, size)
+    perm = torch.tensor([3, 0, 5, 1])  # target j was predicted by slot perm[j]; slots 2 and 4 are noise
+    logits = torch.randn(6, size, size) * 3
+    logits[perm] = sharp(targets, 5) + torch.randn(4, size, size)
+    pred, tgt = hungarian_match(logits, torch.zeros(6), targets, LossWeights(num_points=num_points))
+    assert dict(zip(tgt.tolist(), pred.tolist())) == {j: perm[j].item() for j in range(4)}
+
+
+def test_matching_is_invariant_to_query_order_and_pushes_unmatched_scores_down():
+    torch.manual_seed(0)
+    targets = [boxes(2, seed=1), torch.zeros(0, S, S, dtype=torch.bool)]
+    valid = torch.tensor([[True, True, True, True, False], [True, True, False, False, False]])
+    out = make_outputs(torch.randn(2, 5, S, S) * 2, valid=valid)
+    loss_fn = SegmentationLoss(LossWeights(), matching=True)
+    result = loss_fn(out, make_labels(2), targets)
+    result.total.backward()
+
+    perm = torch.tensor([4, 2, 0, 3, 1])
+    shuffled = InstructSegOutput(logits=out.logits, mask_logits=out.mask_logits[:, perm],
+                                 score_logits=out.score_logits[:, perm], object_valid=valid[:, perm],
+                                 text_embed=out.text_embed)
+    shuffled_parts = loss_fn(shuffled, None, targets).parts
+    for key in ("score", "mask", "dice"):
+        assert shuffled_parts[key] == pytest.approx(result.parts[key], rel=1e-5)
+
+    pred, _ = hungarian_match(out.mask_logits[0, :4], out.score_logits[0, :4], targets[0], LossWeights())
+    matched = torch.zeros(2, 5, dtype=torch.bool)
+    matched[0, pred] = True
+    grad = out.score_logits.grad
+    assert (grad[valid & ~matched] > 0).all() and (grad[matched] < 0).all() and (grad[~valid] == 0).all()
+    assert (out.mask_logits.grad[valid & ~matched].abs().sum() == 0) and out.mask_logits.grad[matched].abs().sum() > 0
+
+
+def test_slot_order_matters_without_matching():
+    targets = boxes(2, seed=2)
+    out = make_outputs(sharp(targets, 5)[None], torch.full((1, 2), 3.0))
+    loss_fn = SegmentationLoss(LossWeights(), matching=False)
+    aligned = loss_fn(out, None, [targets]).total
+    swapped = loss_fn(out, None, [targets.flip(0)]).total
+    assert swapped > aligned + 1.0
+
+
+def test_absent_object_learns_score_zero_and_no_mask():
+    torch.manual_seed(0)
+    targets = boxes(2, seed=3)
+    targets[1] = False  # the object of the second [SEG] is not in this frame
+    out = make_outputs(torch.randn(1, 3, S, S))  # three [SEG] slots, two targets: only two pairs count
+    result = SegmentationLoss(LossWeights(), matching=False)(out, None, [targets])
+    result.total.backward()
+    assert result.parts["mask"] == pytest.approx(sigmoid_bce(out.mask_logits[0, :1], targets[:1]).item(), rel=1e-5)
+    assert result.parts["dice"] == pytest.approx(dice_loss(out.mask_logits[0, :1], targets[:1]).item(), rel=1e-5)
+    grad = out.score_logits.grad[0]
+    assert grad[0] < 0 and grad[1] > 0 and grad[2] == 0
+    assert out.mask_logits.grad[0, 0].abs().sum() > 0 and not out.mask_logits.grad[0, 1:].any()
+
+
+@pytest.mark.parametrize("matching", [False, True])
+def test_no_slots_gives_lm_loss_only(matching):
+    out = make_outputs(torch.zeros(2, 0, S, S))
+    labels = make_labels(2)
+    result = SegmentationLoss(LossWeights(), matching=matching)(out, labels, [boxes(1), torch.zeros(0, S, S)])
+    assert torch.allclose(result.total, lm_loss(out.logits, labels))
+    result.total.backward()
+    assert out.logits.grad.abs().sum() > 0 and out.mask_logits.grad is not None
+
+
+def test_no_targets_pushes_every_score_down():
+    torch.manual_seed(0)
+    out = make_outputs(torch.randn(2, 3, S, S))
+    empty = torch.zeros(0, S, S, dtype=torch.bool)
+    result = SegmentationLoss(LossWeights(), matching=True)(out, None, [empty, empty])
+    expected = F.binary_cross_entropy_with_logits(out.score_logits, torch.zeros(2, 3))
+    assert result.parts["score"] == pytest.approx(expected.item(), rel=1e-5)
+    assert result.parts["mask"] == 0 and result.parts["dice"] == 0 and "lm" not in result.parts
+    result.total.backward()
+    assert (out.score_logits.grad > 0).all() and not out.mask_logits.grad.any()
+
+
+def test_point_sampling_approximates_dense_loss():
+    torch.manual_seed(0)
+    size = 64
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    smooth = torch.stack([(xs - 0.5) * 6, (ys + xs - 0.8) * 4, torch.sin(xs * 6) * 2 + ys])[None]
+    targets = torch.stack([xs > 0.35, ys > 0.6, (xs - 0.5) ** 2 + (ys - 0.5) ** 2 < 0.1])
+    dense = SegmentationLoss(LossWeights(), matching=False)(make_outputs(smooth), None, [targets]).parts
+    uniform = SegmentationLoss(LossWeights(num_points=4096), matching=False, importance=0.0)
+    sampled = uniform(make_outputs(smooth), None, [targets]).parts
+    for key in ("mask", "dice"):
+        assert sampled[key] == pytest.approx(dense[key], rel=0.05)
+    importance = SegmentationLoss(LossWeights(num_points=1024), matching=False)(make_outputs(smooth), None, [targets])
+    assert importance.parts["mask"] == pytest.approx(dense["mask"], rel=0.15)  # biased towards uncertain pixels
+    out = make_outputs(smooth)
+    result = SegmentationLoss(LossWeights(num_points=1024), matching=True)(out, None, [targets])
+    result.total.backward()
+    assert torch.isfinite(result.total) and out.mask_logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("matching", [False, True])
+def test_gradients_reach_every_output_and_total_is_weighted_sum(matching):
+    torch.manual_seed(0)
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    out = make_outputs(torch.randn(2, 3, S, S), valid=valid)
+    weights = LossWeights(lm=0.5, score=2.0, mask=3.0, dice=4.0)
+    result = SegmentationLoss(weights, matching=matching)(out, make_labels(2), [boxes(2, seed=4), boxes(1, seed=5)])
+    p = result.parts
+    assert set(p) == {"lm", "score", "mask", "dice"}
+    expected = 0.5 * p["lm"] + 2.0 * p["score"] + 3.0 * p["mask"] + 4.0 * p["dice"]
+    assert result.total.item() == pytest.approx(expected, rel=1e-5)
+    result.total.backward()
+    for t in (out.logits, out.mask_logits, out.score_logits):
+        assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+def test_wrong_target_resolution_fails_loudly():
+    out = make_outputs(torch.randn(1, 1, S, S))
+    with pytest.raises(ValueError, match="mask size"):
+        SegmentationLoss(LossWeights(), matching=False)(out, None, [boxes(1, size=S * 2)])

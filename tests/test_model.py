@@ -1,0 +1,225 @@
+"""InstructSegModel with tiny random parts: shapes, gradients, save/load, batching, LoRA accounting, token layout."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from instructseg.config import ModelConfig, preset
+from instructseg.errors import InputError
+from instructseg.model.checkpoint import load_model
+from instructseg.model.info import parameter_table
+from instructseg.model.instructseg import InstructSegModel
+from instructseg.model.outputs import ModelInputs
+from instructseg.model.tokens import IGNORE_INDEX, IMG, MQ, REF, SEG, pad_prompts
+
+
+def _model(name: str) -> InstructSegModel:
+    torch.manual_seed(0)
+    return InstructSegModel(preset(name))
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-m2f"])
+def model(request):
+    return _model(request.param)
+
+
+def _inputs(model, pairs, *, video: bool, seed: int = 0) -> ModelInputs:
+    gen = torch.Generator().manual_seed(seed)
+    size = model.decoder.image_size
+    b = len(pairs)
+    refs = model.config.perceiver.num_ref_frames
+    batch = pad_prompts([model.layout.encode(q, a) for q, a in pairs], model.tokenizer.pad_token_id)
+    frames = torch.rand(b, 3, size, size, generator=gen)
+    ref_frames = torch.rand(b, refs, 3, size, size, generator=gen) if video else None
+    return ModelInputs(frames=frames, ref_frames=ref_frames, **batch)
+
+
+PAIRS = [("the red circle", "It is the red circle [SEG]."), ("all the squares", "[SEG] and [SEG].")]
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_forward_backward_shapes(model, video):
+    model.train()
+    inputs = _inputs(model, PAIRS, video=video)
+    out = model(inputs)
+    size = model.decoder.image_size
+    n = 2 if model.config.decoder.kind == "sam2" else model.config.decoder.num_queries
+    assert out.logits.shape == (2, inputs.input_ids.shape[1], len(model.tokenizer))
+    assert out.mask_logits.shape == (2, n, size, size)
+    assert out.score_logits.shape == (2, n)
+    if model.config.decoder.kind == "sam2":
+        assert out.object_valid.tolist() == [[True, False], [True, True]]  # one slot per [SEG] in each answer
+        assert (out.score_logits[0, 1] == -1e4).item()
+    # (SAM2 gates masks of slots it scores as absent, so the scores carry the gradient there)
+    loss = (out.logits.float().logsumexp(-1).mean() + out.mask_logits.sigmoid().mean()
+            + out.score_logits[out.object_valid].sum() + out.text_embed.pow(2).mean())
+    model.zero_grad()
+    loss.backward()
+    for part in ("vision", "projector", "perceiver", "fusion", "decoder", "object_proj"):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(part + ".") and p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), part
+    lora = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora and any(g is not None for g in lora)
+
+
+def test_batch_of_two_equals_each_alone(model):
+    model.eval()
+    both = _inputs(model, PAIRS, video=True, seed=3)
+    with torch.no_grad():
+        together = model(both)
+        for i in range(2):
+            alone_inputs = ModelInputs(frames=both.frames[i:i + 1], ref_frames=both.ref_frames[i:i + 1],
+                                       **pad_prompts([model.layout.encode(*PAIRS[i])], model.tokenizer.pad_token_id))
+            alone = model(alone_inputs)
+            n = alone.mask_logits.shape[1]
+            length = alone.logits.shape[1]
+            torch.testing.assert_close(together.logits[i, :length], alone.logits[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(together.mask_logits[i, :n], alone.mask_logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_save_load_round_trip_identical(model, tmp_path):
+    model.eval()
+    with torch.no_grad():  # make the LoRA adapter non-trivial so that its save/load matters
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    inputs = _inputs(model, PAIRS, video=True, seed=5)
+    with torch.no_grad():
+        before = model(inputs)
+    model.save_pretrained(tmp_path / "m")
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"config.json", "model.safetensors", "adapter", "tokenizer", "llm"} <= files
+    loaded = InstructSegModel.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        after = loaded(inputs)
+    torch.testing.assert_close(after.logits, before.logits)
+    torch.testing.assert_close(after.mask_logits, before.mask_logits)
+    assert loaded.weight_sources["lora"].startswith("trained adapter")
+
+
+def test_merged_save_matches_adapter(tmp_path):
+    model = _model("tiny").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    inputs = _inputs(model, PAIRS[:1], video=False)
+    with torch.no_grad():
+        before = model(inputs).logits
+    model.save_pretrained(tmp_path / "merged", merge_lora=True)
+    assert not (tmp_path / "merged" / "adapter").exists()
+    loaded = InstructSegModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs).logits, before, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # the unmerged live model still has its adapter
+        torch.testing.assert_close(model(inputs).logits, before)
+
+
+def test_lora_parameter_accounting(model):
+    rows = {name: (total, trainable) for name, total, trainable, _ in parameter_table(model)}
+    llm_total, llm_trainable = rows["llm"]
+    assert llm_total > 0 and llm_trainable == 0  # base LLM frozen under LoRA
+    lora_total, lora_trainable = rows["llm lora"]
+    hidden = model.llm.config.hidden_size
+    cfg = model.config.llm
+    layers = model.llm.config.num_hidden_layers
+    q_out = model.llm.config.num_attention_heads * model.llm.config.head_dim
+    v_out = model.llm.config.num_key_value_heads * model.llm.config.head_dim
+    expected_lora = layers * cfg.lora_r * ((hidden + q_out) + (hidden + v_out))
+    assert lora_trainable == lora_total == expected_lora + hidden  # + the trainable [SEG] embedding row
+    assert rows["decoder"][1] == rows["decoder"][0] > 0
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert total == sum(t for _, t in rows.values())
+
+
+def test_special_token_positions_follow_the_layout(model):
+    enc = model.layout.encode("the blue star", "It is the blue star [SEG].")
+    ids = enc.input_ids.tolist()
+    tid = model.token_ids
+    grid = model.config.visual_grid
+    p = model.config.perceiver
+    img = [i for i, t in enumerate(ids) if t == tid[IMG]]
+    ref = [i for i, t in enumerate(ids) if t == tid[REF]]
+    mq = [i for i, t in enumerate(ids) if t == tid[MQ]]
+    assert len(img) == grid * grid and img == list(range(img[0], img[0] + len(img)))
+    assert len(ref) == p.num_latents * p.num_ref_frames and ref[0] == img[-1] + 1
+    start, end = enc.instruction
+    assert start == ref[-1] + 1
+    assert model.tokenizer.decode(ids[start:end]).strip() == "the blue star"
+    assert len(mq) == model.config.decoder.num_queries
+    if mq:
+        assert mq[0] == end
+    answer = ids[enc.answer_start:]
+    assert answer[-1] == model.tokenizer.eos_token_id and answer.count(tid[SEG]) == 1
+    assert (enc.labels[:enc.answer_start] == IGNORE_INDEX).all()
+    assert enc.labels[enc.answer_start:].tolist() == answer
+    for token in (SEG, IMG, REF, MQ):  # each special token is one id, never split by the tokenizer
+        assert model.tokenizer(token, add_special_tokens=False)["input_ids"] == [tid[token]]
+
+
+class _Force(LogitsProcessor):
+    """Forces a fixed continuation, to drive the real generate path to a known answer."""
+
+    def __init__(self, start: int, tokens: list[int]):
+        self.start, self.tokens = start, tokens
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.start
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.tokens[min(step, len(self.tokens) - 1)]] = 0
+        return forced
+
+
+def test_generate_turns_every_seg_into_an_object(model):
+    model.eval()
+    inputs = _inputs(model, [("all the circles", None)], video=False)
+    tok = model.tokenizer
+    answer = tok("Two circles: [SEG] and [SEG].", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    gen = model.generate(inputs, max_new_tokens=len(answer) + 2,
+                         logits_processor=LogitsProcessorList([_Force(0, answer)]))
+    assert gen.num_objects == 2
+    assert gen.text == "Two circles: and ."
+    assert gen.prompts.object_embeds.shape[:2] == (1, 2)
+    decoded = model.decoder.decode(gen.features, gen.prompts)
+    assert decoded.mask_logits.shape[:2] == (1, 2)
+
+
+def test_missing_key_in_checkpoint_is_a_clear_error(tmp_path):
+    model = _model("tiny")
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    state.pop("fusion.norm.weight")
+    save_file(state, str(weights))
+    with pytest.raises(InputError, match=r"model.safetensors: does not match config.json \(missing keys: \['fusion.norm.weight'\]"):
+        load_model(tmp_path / "m")
+
+
+def test_config_mismatch_and_unknown_model_are_clear_errors(tmp_path):
+    model = _model("tiny")
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["fusion"]["layers"] = 2
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="missing keys"):
+        load_model(tmp_path / "m")
+    with pytest.raises(InputError, match="unknown model 'nope'"):
+        load_model("nope")
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    cfg = preset("tiny").override(["llm.lora_r=16", "decoder.kind=mask2former", "llm.lora_targets=[q_proj]"])
+    assert cfg.llm.lora_r == 16 and cfg.decoder.kind == "mask2former" and cfg.llm.lora_targets == ["q_proj"]
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  visual_grid: 3\n  llm:\n    lora_r: 2\n")
+    loaded = ModelConfig.load(path)
+    assert loaded.visual_grid == 3 and loaded.llm.lora_r == 2
+    with pytest.raises(InputError, match="unknown field 'llm.nope'"):
+        cfg.override(["llm.nope=1"])
+    path.write_text("model:\n  llm:\n    lorar: 2\n")
+    with pytest.raises(InputError, match="c.yaml: unknown LLMConfig field"):
+        ModelConfig.load(path)
