@@ -50,6 +50,17 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from instructseg.train.recipe import load_recipe
+    from instructseg.train.trainer import train
+
+    recipe = load_recipe(Path(args.recipe), args.overrides)
+    final = train(recipe)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"exported {final}")
+    return 0
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         value = int(text)
@@ -84,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--legacy-visa", action="store_true",
                    help="reproduce the public scorer's un-binarised R and A on 0/255 PNGs")
     r.set_defaults(func=_cmd_eval_revos)
+
+    p = sub.add_parser("train", help="fine-tune with DeepSpeed from a recipe (resumes when re-run)")
+    p.add_argument("recipe", help="recipe YAML, e.g. scripts/recipes/tiny_synthetic.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value: train.steps=5, output_dir=runs/x, model.llm.lora_r=4")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("model", help="inspect models")
     msub = p.add_subparsers(dest="model_command", required=True)

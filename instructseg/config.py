@@ -103,7 +103,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "ModelConfig":
-        return _build(cls, data, source)
+        return build_dataclass(cls, data, source)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -120,7 +120,7 @@ class ModelConfig:
             raise InputError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({err})") from None
         if not isinstance(data, dict):
             raise InputError(f"{path}: expected a mapping of config fields")
-        return _build(cls, data.get("model", data), str(path))
+        return build_dataclass(cls, data.get("model", data), str(path))
 
     def override(self, items: list[str]) -> "ModelConfig":
         """A copy with `key=value` overrides applied (values parsed as YAML scalars/lists)."""
@@ -138,10 +138,10 @@ class ModelConfig:
             if leaf not in node:
                 raise InputError(f"override {item!r}: unknown field {key.strip()!r}")
             node[leaf] = yaml.safe_load(value)
-        return _build(ModelConfig, data, "overrides")
+        return build_dataclass(ModelConfig, data, "overrides")
 
 
-def _build(cls, data: dict[str, Any], source: str):
+def build_dataclass(cls, data: dict[str, Any], source: str):
     """Build a (nested) dataclass from a dict, naming the unknown key and the source on error."""
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a mapping for {cls.__name__}")
@@ -153,7 +153,7 @@ def _build(cls, data: dict[str, Any], source: str):
     for name, value in data.items():
         sub = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
         if sub is not None and dataclasses.is_dataclass(sub):
-            kwargs[name] = _build(sub, value, source)
+            kwargs[name] = build_dataclass(sub, value, source)
         else:
             kwargs[name] = copy.deepcopy(value)
     return cls(**kwargs)

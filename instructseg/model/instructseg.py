@@ -113,7 +113,7 @@ class InstructSegModel(nn.Module):
             refs = self.visual_tokens(inputs.ref_frames.flatten(0, 1)).unflatten(0, inputs.ref_frames.shape[:2])
         ovp = self.perceiver(refs, embeds, inputs.instruction_mask)
         slots = [(IMG, visual), (REF, ovp)]
-        if self.mask_queries.shape[0]:
+        if self.config.decoder.num_queries:  # (config, not the parameter's shape: ZeRO-3 partitions it)
             slots.append((MQ, self.mask_queries.expand(b, -1, -1)))
         for token, values in slots:
             where = ids == self.token_ids[token]
@@ -130,7 +130,9 @@ class InstructSegModel(nn.Module):
         token = SEG if self.config.decoder.kind == "sam2" else MQ
         where = input_ids == self.token_ids[token]
         counts = where.sum(1)
-        n = int(counts.max()) if counts.numel() else 0
+        # at least one (invalid) slot: the decoder then runs on every batch, so every rank's gradient hooks fire
+        # the same way under DeepSpeed even when a micro-batch holds only chat or no-target samples
+        n = max(int(counts.max()), 1)
         b = hidden.shape[0]
         slots = hidden.new_zeros(b, n, hidden.shape[-1])
         valid = torch.arange(n, device=hidden.device)[None] < counts[:, None]
@@ -172,6 +174,9 @@ class InstructSegModel(nn.Module):
         num_objects = int((new == self.token_ids[SEG]).sum())
         if self.config.decoder.kind == "mask2former":
             prompts = self._top_queries(features, prompts, num_objects)
+        else:
+            prompts = Prompts(object_embeds=prompts.object_embeds[:, :num_objects],
+                              object_valid=prompts.object_valid[:, :num_objects], text_embed=prompts.text_embed)
         raw = self.tokenizer.decode(new[0], skip_special_tokens=False)
         raw = raw.split(self.tokenizer.eos_token)[0] if self.tokenizer.eos_token else raw
         text = " ".join(raw.replace(SEG, " ").split())

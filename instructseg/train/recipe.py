@@ -1,0 +1,131 @@
+"""Training recipes: YAML files (scripts/recipes/*.yaml) read into typed dataclasses, with `key=value` overrides.
+
+    model: tiny                      # preset or saved model dir
+    model_overrides: [llm.lora_r=4]  # ModelConfig overrides
+    synth: {out: data/shapes, seed: 0, videos: 8, images: 16, frames: 8, size: [64, 64]}  # generated when missing
+    data:
+      - {kind: revos, root: data/shapes/revos, split: train, ratio: 3}
+    train: {steps: 20, batch_size: 2, lr: 1.0e-3, deepspeed: ../ds/zero2.json}
+    output_dir: runs/tiny
+
+Relative paths in `data`, `synth.out`, `train.deepspeed` and `output_dir` resolve against the directory the command
+runs in; `train.deepspeed` also against the recipe's own directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from instructseg.config import build_dataclass
+from instructseg.errors import InputError
+from instructseg.train.losses import LossWeights
+
+
+@dataclass
+class DataSource:
+    kind: str  # revos, refytvos, mevis, davis17, refcoco, refcoco+, refcocog, reasonseg, chat
+    root: str  # dataset root in its public layout (chat: the folder holding conversations.json)
+    split: str = "train"
+    ratio: float = 1.0  # relative sampling weight in the mixture
+
+
+@dataclass
+class SynthData:
+    """ShapesIVS generated into `out` before training when `out` does not exist yet."""
+
+    out: str = "data/shapes"
+    seed: int = 0
+    videos: int = 12
+    images: int = 24
+    frames: int = 8
+    size: list[int] = field(default_factory=lambda: [64, 64])
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 100  # optimizer steps
+    batch_size: int = 2  # micro-batch per process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    deepspeed: str = "../ds/zero2.json"  # ZeRO config (stage 1, 2 or 3); batch sizes and precision are filled in
+    save_every: int = 50  # checkpoint every N steps (and at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    num_ref_frames: int | None = None  # default: the model's perceiver.num_ref_frames
+    jump: int = 4  # reference frames come from [key - jump, key + jump]
+    merge_lora: bool = False  # export with LoRA merged into the LLM
+    loss: LossWeights = field(default_factory=LossWeights)
+
+
+@dataclass
+class Recipe:
+    model: str = "tiny"
+    model_overrides: list[str] = field(default_factory=list)
+    synth: SynthData | None = None
+    data: list[DataSource] = field(default_factory=list)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    output_dir: str = "runs/default"
+    recipe_dir: str = "."  # set by load_recipe: where relative DeepSpeed config paths also resolve
+
+    def deepspeed_config_path(self) -> Path:
+        for base in (Path.cwd(), Path(self.recipe_dir)):
+            path = base / self.train.deepspeed
+            if path.is_file():
+                return path
+        raise InputError(f"train.deepspeed={self.train.deepspeed!r}: DeepSpeed config not found")
+
+
+def _recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
+    data = dict(data)
+    sources = data.pop("data", [])
+    synth = data.pop("synth", None)
+    if not isinstance(sources, list):
+        raise InputError(f"{source}: 'data' must be a list of sources")
+    recipe = build_dataclass(Recipe, data, source)
+    recipe.data = [build_dataclass(DataSource, s, f"{source} data[{i}]") for i, s in enumerate(sources)]
+    recipe.synth = build_dataclass(SynthData, synth, f"{source} synth") if synth is not None else None
+    if not recipe.data:
+        raise InputError(f"{source}: the recipe lists no data sources")
+    return recipe
+
+
+def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe and apply `key=value` overrides (`train.steps=5`, `output_dir=runs/x`,
+    `model.llm.lora_r=4` goes to the model's overrides)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: recipe not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a recipe is a mapping")
+    data.setdefault("model_overrides", [])
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"override {item!r}: expected key=value")
+        if key.startswith("model."):
+            data["model_overrides"].append(f"{key[len('model.'):]}={value}")
+            continue
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    data["recipe_dir"] = str(path.parent.resolve())
+    return _recipe_from_dict(data, str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)

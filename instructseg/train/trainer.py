@@ -1,0 +1,237 @@
+"""The training loop on a DeepSpeed engine: one process or many (torchrun / deepspeed launcher), CPU (gloo, fp32)
+or GPU (nccl, bf16). Checkpoints every N steps; re-running the same command resumes from the newest complete one
+with the same step counter, optimizer, scheduler and sampler state. The end exports `output_dir/final` with
+`save_pretrained`, which `InstructSegModel.from_pretrained` (and the predictor) load.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from instructseg.errors import InputError
+from instructseg.train import checkpoints as ckpt
+from instructseg.train.recipe import Recipe, recipe_to_dict
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). A plain single process gets a one-rank group of its own."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
+
+
+def build_model(recipe: Recipe):
+    from instructseg.config import PRESETS, preset
+    from instructseg.model.checkpoint import load_model
+    from instructseg.model.instructseg import InstructSegModel
+
+    if recipe.model in PRESETS and not Path(recipe.model).exists():
+        torch.manual_seed(recipe.train.seed)
+        return InstructSegModel(preset(recipe.model).override(recipe.model_overrides))
+    if recipe.model_overrides:
+        raise InputError(f"model_overrides apply to presets; {recipe.model!r} is a saved model (edit its config.json)")
+    return load_model(recipe.model)
+
+
+def _ensure_synth(recipe: Recipe, rank: int) -> None:
+    import torch.distributed as dist
+
+    if recipe.synth is not None and rank == 0 and not Path(recipe.synth.out).exists():
+        from instructseg.data.synthetic import SynthSpec, generate
+
+        s = recipe.synth
+        generate(Path(s.out), SynthSpec(seed=s.seed, videos=s.videos, images=s.images, frames=s.frames,
+                                        height=s.size[0], width=s.size[1]))
+    dist.barrier()
+
+
+def _schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _deepspeed_config(recipe: Recipe, world: int, cuda: bool) -> dict:
+    config = json.loads(recipe.deepspeed_config_path().read_text())
+    config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
+    config["gradient_accumulation_steps"] = recipe.train.grad_accum
+    config["train_batch_size"] = recipe.train.batch_size * recipe.train.grad_accum * world
+    config["bf16"] = {"enabled": cuda}
+    return config
+
+
+class Trainer:
+    """Holds the engine, the data stream and the bookkeeping of one run."""
+
+    def __init__(self, recipe: Recipe):
+        import deepspeed
+
+        from instructseg.data.collate import Collator
+        from instructseg.train.losses import SegmentationLoss
+
+        self.recipe = recipe
+        self.rank, self.world, self.device = init_distributed()
+        _ensure_synth(recipe, self.rank)
+        self.out = Path(recipe.output_dir)
+        self.root = self.out / "checkpoints"
+        model = build_model(recipe)
+        model.train()
+        self.model = model
+        self.cuda = self.device.type == "cuda"
+        self.datasets, self.sampler = self._data(model)
+        self.collate = Collator(model.layout, model.decoder.image_size, model.tokenizer.pad_token_id)
+        self.loss = SegmentationLoss(recipe.train.loss, matching=model.config.decoder.kind == "mask2former")
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe.train.warmup_steps,
+                                                                           recipe.train.steps))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=params,
+            config=_deepspeed_config(recipe, self.world, self.cuda))
+        self.step = 0
+
+    def _data(self, model):
+        from instructseg.data.mixture import MixtureSampler
+        from instructseg.data.training import build_source
+
+        num_ref = self.recipe.train.num_ref_frames or model.config.perceiver.num_ref_frames
+        datasets, ratios = {}, {}
+        for i, source in enumerate(self.recipe.data):
+            name = f"{i}:{source.kind}:{source.split}"
+            datasets[name] = build_source(source.kind, Path(source.root), source.split, num_ref_frames=num_ref,
+                                          jump=self.recipe.train.jump, seed=self.recipe.train.seed)
+            ratios[name] = source.ratio
+        sampler = MixtureSampler({n: len(d) for n, d in datasets.items()}, ratios, seed=self.recipe.train.seed,
+                                 rank=self.rank, world_size=self.world)
+        return datasets, sampler
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        step = ckpt.latest_complete(self.root)
+        if step is None:
+            return
+        saved = json.loads((self.root / ckpt.tag_for(step) / ckpt.MARKER).read_text()).get("world_size", self.world)
+        if saved != self.world:
+            raise InputError(f"{self.root / ckpt.tag_for(step)}: written by {saved} process(es), this run has "
+                             f"{self.world}; resume with the same number or choose another output_dir")
+        _, client = self.engine.load_checkpoint(str(self.root), tag=ckpt.tag_for(step), load_module_strict=False)
+        self.sampler.load_state_dict(client["sampler"])
+        self.step = client["step"]
+        if self.rank == 0:
+            print(f"resuming from {self.root / ckpt.tag_for(step)} at step {self.step}", flush=True)
+
+    def save(self) -> None:
+        import torch.distributed as dist
+
+        client = {"step": self.step, "sampler": self.sampler.state_dict()}
+        self.engine.save_checkpoint(str(self.root), tag=ckpt.tag_for(self.step), client_state=client,
+                                    save_latest=False, exclude_frozen_parameters=True)
+        dist.barrier()
+        if self.rank == 0:
+            ckpt.mark_complete(self.root, self.step, {"world_size": self.world, "time": time.time()})
+            ckpt.prune(self.root, self.recipe.train.keep_checkpoints)
+        dist.barrier()
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def micro_batch(self):
+        samples = []
+        for _ in range(self.recipe.train.batch_size):
+            name, index, epoch = next(self.sampler)
+            samples.append(self.datasets[name].sample(index, epoch))
+        inputs, targets = self.collate(samples)
+        dtype = torch.bfloat16 if self.cuda else None
+        return inputs.to(self.device, dtype), [t.to(self.device) for t in targets]
+
+    def train_step(self) -> dict[str, float]:
+        parts: dict[str, float] = {}
+        for _ in range(self.recipe.train.grad_accum):
+            inputs, targets = self.micro_batch()
+            out = self.engine(inputs)
+            loss = self.loss(out, inputs.labels, targets)
+            self.engine.backward(loss.total)
+            self.engine.step()
+            for key, value in {"loss": float(loss.total.detach()), **loss.parts}.items():
+                parts[key] = parts.get(key, 0.0) + value / self.recipe.train.grad_accum
+        self.step += 1
+        return parts
+
+    def run(self) -> Path:
+        from tqdm import tqdm
+
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.json").write_text(json.dumps(recipe_to_dict(self.recipe), indent=2))
+            ckpt.prune(self.root, self.recipe.train.keep_checkpoints)  # drop saves a kill left half-written
+        self.resume()
+        total = self.recipe.train.steps
+        writer = _tensorboard(self.out) if self.rank == 0 else None
+        bar = tqdm(total=total, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        while self.step < total:
+            parts = self.train_step()
+            bar.update(1)
+            if self.rank == 0 and self.step % self.recipe.train.log_every == 0:
+                lr = self.scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}")
+                for key, value in parts.items():
+                    writer.add_scalar(f"train/{key}", value, self.step)
+                writer.add_scalar("train/lr", lr, self.step)
+                _append_log(self.out / "log.jsonl", {"step": self.step, "lr": lr, **parts})
+            if self.step % self.recipe.train.save_every == 0 or self.step == total:
+                self.save()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        return self.export()
+
+    def export(self) -> Path:
+        import deepspeed
+        import torch.distributed as dist
+
+        final = self.out / "final"
+        zero3 = self.engine.zero_optimization_stage() == 3
+        params = list(self.model.parameters()) if zero3 else []
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+            if self.rank == 0:
+                self.model.float().save_pretrained(final, merge_lora=self.recipe.train.merge_lora)
+                ckpt.write_json_atomic(final / "trainer_state.json", {"step": self.step, "world_size": self.world})
+        dist.barrier()
+        return final
+
+
+def _tensorboard(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(recipe: Recipe) -> Path:
+    return Trainer(recipe).run()

@@ -1,0 +1,166 @@
+"""DeepSpeed training end to end through the real `instructseg train` command (subprocesses: one and two ranks)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from instructseg.train import checkpoints as ckpt
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def _recipe(tmp_path: Path, synth_root: Path, **train) -> Path:
+    recipe = {
+        "model": "tiny",
+        "data": [
+            {"kind": "refcoco", "root": str(synth_root / "refcoco"), "split": "train", "ratio": 2},
+            {"kind": "revos", "root": str(synth_root / "revos"), "split": "train", "ratio": 2},
+            {"kind": "chat", "root": str(synth_root / "chat"), "split": "train", "ratio": 1},
+        ],
+        "train": {"steps": 6, "batch_size": 2, "lr": 1e-3, "warmup_steps": 2, "save_every": 3,
+                  "deepspeed": str(REPO / "scripts/ds/zero2.json"), **train},
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _train(args: list[str], *, ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "instructseg", "train", *args]
+    else:
+        cmd = [str(TORCHRUN), "--nproc_per_node", str(ranks), "--master_port", str(_port()), "-m", "instructseg",
+               "train", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_train_and_export_loads(tmp_path, synth_root):
+    from instructseg.model.instructseg import InstructSegModel
+
+    recipe = _recipe(tmp_path, synth_root)
+    _train([str(recipe)], ranks=2)
+    run = tmp_path / "run"
+    state = json.loads((run / "final" / "trainer_state.json").read_text())
+    assert state == {"step": 6, "world_size": 2}
+    assert ckpt.complete_steps(run / "checkpoints") == [3, 6]
+    # each rank wrote its own ZeRO-2 optimizer shard
+    shards = sorted(p.name for p in (run / "checkpoints" / ckpt.tag_for(6)).glob("*optim_states.pt"))
+    assert len(shards) == 2
+    model = InstructSegModel.from_pretrained(run / "final")
+    assert model.weight_sources["lora"].startswith("trained adapter")
+    assert [r["step"] for r in _log(run)] == [1, 2, 3, 4, 5, 6]
+    assert (run / "tensorboard").is_dir()
+
+
+@pytest.mark.slow
+def test_loss_goes_down_when_overfitting(tmp_path, synth_root):
+    recipe = {
+        "model": "tiny",
+        "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco"), "split": "val", "ratio": 1}],
+        "train": {"steps": 30, "batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "save_every": 100,
+                  "deepspeed": str(REPO / "scripts/ds/zero2.json")},
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "overfit.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    _train([str(path)])
+    losses = [r["loss"] for r in _log(tmp_path / "run")]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_resumes_with_the_right_step_count(tmp_path, synth_root):
+    recipe = _recipe(tmp_path, synth_root, steps=12, save_every=2)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "instructseg", "train", str(recipe)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and (ckpt.latest_complete(run / "checkpoints") or 0) < 4:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = ckpt.latest_complete(run / "checkpoints")
+    assert killed_at is not None and 4 <= killed_at < 12, killed_at
+    assert not (run / "final").exists()
+    # a half-written save (what a kill during saving leaves) is never taken for a checkpoint
+    partial = run / "checkpoints" / ckpt.tag_for(99)
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    result = _train([str(recipe)])
+    assert f"resuming from {run / 'checkpoints'}" in result.stdout
+    assert json.loads((run / "final" / "trainer_state.json").read_text())["step"] == 12
+    assert not partial.exists()
+    steps = [r["step"] for r in _log(run)]
+    assert steps[-1] == 12 and set(steps) == set(range(1, 13))
+    assert ckpt.complete_steps(run / "checkpoints") == [10, 12]  # keep_checkpoints=2
+
+
+def test_checkpoint_markers_and_pruning(tmp_path):
+    root = tmp_path / "ck"
+    for step in (2, 4, 6):
+        (root / ckpt.tag_for(step)).mkdir(parents=True)
+        ckpt.mark_complete(root, step, {})
+    (root / ckpt.tag_for(8)).mkdir()  # no marker: a save that was cut short
+    assert ckpt.complete_steps(root) == [2, 4, 6]
+    assert ckpt.latest_complete(root) == 6
+    ckpt.prune(root, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == [ckpt.tag_for(4), ckpt.tag_for(6)]
+
+
+def test_recipe_overrides_and_errors(tmp_path, synth_root):
+    from instructseg.errors import InputError
+    from instructseg.train.recipe import load_recipe
+
+    path = _recipe(tmp_path, synth_root)
+    recipe = load_recipe(path, ["train.steps=3", "model.llm.lora_r=2", "output_dir=elsewhere"])
+    assert recipe.train.steps == 3 and recipe.model_overrides == ["llm.lora_r=2"] and recipe.output_dir == "elsewhere"
+    assert recipe.deepspeed_config_path().name == "zero2.json"
+    with pytest.raises(InputError, match="recipe not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(InputError, match="unknown TrainSettings field"):
+        load_recipe(path, ["train.stpes=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny\ndata: []\n")
+    with pytest.raises(InputError, match="no data sources"):
+        load_recipe(bad)
+
+
+def test_cli_train_bad_recipe_is_one_line(tmp_path, capsys):
+    from instructseg.cli import main
+
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "recipe not found" in err[0]
