@@ -190,3 +190,26 @@ def test_wrong_target_resolution_fails_loudly():
     out = make_outputs(torch.randn(1, 1, S, S))
     with pytest.raises(ValueError, match="mask size"):
         SegmentationLoss(LossWeights(), matching=False)(out, None, [boxes(1, size=S * 2)])
+
+
+def test_tracked_frames_add_their_own_parts():
+    torch.manual_seed(0)
+    b, r, n, size = 2, 3, 2, 16
+    key = torch.randn(b, n, size, size, requires_grad=True)
+    tracked = torch.randn(b, r, n, size, size, requires_grad=True)
+    out = InstructSegOutput(logits=torch.randn(b, 4, 7), mask_logits=key, score_logits=torch.randn(b, n),
+                            object_valid=torch.ones(b, n, dtype=torch.bool), text_embed=torch.randn(b, 8),
+                            track_mask_logits=tracked, track_score_logits=torch.randn(b, r, n, requires_grad=True))
+    targets = [torch.rand(n, size, size) > 0.5 for _ in range(b)]
+    ref_targets = [torch.rand(r, n, size, size) > 0.5 for _ in range(b)]
+    loss = SegmentationLoss(LossWeights(), matching=False)
+    plain = loss(out, None, targets)
+    both = loss(out, None, targets, ref_targets)
+    assert set(both.parts) == {"score", "mask", "dice", "track_score", "track_mask", "track_dice"}
+    assert both.total.item() > plain.total.item()
+    both.total.backward()
+    assert tracked.grad.abs().sum() > 0
+    # a perfect tracked prediction costs (almost) nothing extra for masks
+    perfect = torch.stack([torch.where(t, 20.0, -20.0) for t in ref_targets])
+    out.track_mask_logits = perfect
+    assert loss(out, None, targets, ref_targets).parts["track_mask"] < 1e-6

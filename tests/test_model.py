@@ -58,12 +58,24 @@ def test_forward_backward_shapes(model, video):
     loss = (out.logits.float().logsumexp(-1).mean() + out.mask_logits.sigmoid().mean()
             + out.score_logits[out.object_valid].sum() + out.text_embed.pow(2).mean())
     model.zero_grad()
-    loss.backward()
+    loss.backward(retain_graph=True)
     for part in ("vision", "projector", "perceiver", "fusion", "decoder", "object_proj"):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(part + ".") and p.requires_grad]
         assert any(g is not None and g.abs().sum() > 0 for g in grads), part
     lora = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert lora and any(g is not None for g in lora)
+    if not video:
+        assert out.track_mask_logits is None
+        return
+    refs = model.config.perceiver.num_ref_frames
+    assert out.track_mask_logits.shape == (2, refs, n, size, size) and out.track_score_logits.shape == (2, refs, n)
+    if model.config.decoder.kind == "sam2":  # clips train SAM2's memory: the part that propagates masks in video
+        loss = out.track_mask_logits.sigmoid().mean() + out.track_score_logits[:, :, 0].sum()
+        model.zero_grad()
+        loss.backward()
+        for part in ("decoder.sam.memory_attention.", "decoder.sam.memory_encoder."):
+            grads = [p.grad for name, p in model.named_parameters() if name.startswith(part)]
+            assert any(g is not None and g.abs().sum() > 0 for g in grads), part
 
 
 def test_batch_of_two_equals_each_alone(model):

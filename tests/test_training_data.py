@@ -14,7 +14,7 @@ from PIL import Image
 from instructseg.data.collate import Collator, resize_masks
 from instructseg.data.formats import read_revos
 from instructseg.data.mixture import BLOCK, PAPER_RATIOS, MixtureDataset, MixtureSampler, ratios_from_tasks
-from instructseg.data.sampling import sample_video_frames, uniform_key_frames
+from instructseg.data.sampling import sample_video_frames, track_frames, uniform_key_frames
 from instructseg.data.training import SOURCE_TASKS, ChatDataset, ImageSampleDataset, TrainingSample, \
     VideoExpressionDataset, answer_with_segs, build_source, load_rgb, parse_answer, phrase_instruction
 from instructseg.data.types import ChatSample, ImageSample
@@ -113,19 +113,37 @@ def test_samples_are_deterministic(roots, kind):
     assert differs, "another epoch draws other frames / phrasings"
 
 
-def test_video_ref_frames_lie_within_the_jump_window(synth_root):
+def test_video_ref_frames_are_the_tracking_frames_next_to_the_key(synth_root):
     exprs = read_revos(synth_root / "revos", "train")[:12]
-    data = VideoExpressionDataset(exprs, "revos", num_ref_frames=4, jump=1, seed=0)
+    data = VideoExpressionDataset(exprs, "revos", num_ref_frames=3, jump=1, seed=0)
+    directions = set()
     for i, expr in enumerate(exprs):
         frames = [load_rgb(p) for p in expr.frame_paths]
-        s = data.sample(i, epoch=i)
-        keys = [t for t, f in enumerate(frames) if np.array_equal(f, s.key_frame)]
-        assert keys
         masks = expr.masks()
-        assert any(np.array_equal(masks[:, t], s.masks) for t in keys)
-        for ref in s.ref_frames:
-            window = {u for t in keys for u in range(t - 1, t + 2) if 0 <= u < len(frames)}
-            assert any(np.array_equal(ref, frames[u]) for u in window)
+        s = data.sample(i, epoch=i)
+        keys = [t for t, f in enumerate(frames) if np.array_equal(f, s.key_frame)
+                and np.array_equal(masks[:, t], s.masks)]
+        assert keys
+        found = False
+        for key in keys:
+            for step in (1, -1):
+                track = [min(max(key + step * (j + 1), 0), len(frames) - 1) for j in range(3)]
+                if all(np.array_equal(r, frames[t]) for r, t in zip(s.ref_frames, track)) and all(
+                        np.array_equal(s.ref_masks[j], masks[:, t]) for j, t in enumerate(track)):
+                    found = True
+                    directions.add(step)
+        assert found, "reference frames are the consecutive frames SAM2 memory tracks from the key frame"
+        assert s.ref_masks.shape == (3, *s.masks.shape)
+    assert directions == {1, -1}
+
+
+def test_track_frames_directions_and_edges():
+    rng = random.Random(0)
+    assert track_frames(10, 9, 3, rng) == [8, 7, 6]  # no room forwards
+    assert track_frames(10, 0, 3, rng) == [1, 2, 3]  # no room backwards
+    assert track_frames(3, 1, 4, random.Random(1)) in ([2, 2, 2, 2], [0, 0, 0, 0])  # short video: last frame repeats
+    seen = {tuple(track_frames(10, 5, 2, random.Random(seed))) for seed in range(20)}
+    assert seen == {(6, 7), (4, 3)}
 
 
 # --------------------------------------------------------------------------------------- frame sampling
@@ -241,7 +259,7 @@ def test_collate_shapes_and_masks(roots, layout, size):
     vids = [videos[i] for i in range(4)]
     imgs = [images[i] for i in range(2)] + [chat[0]]
     collate = Collator(layout, image_size=size, pad_id=layout.tokenizer.pad_token_id)
-    inputs, masks = collate(vids + imgs)
+    inputs, masks, ref_masks = collate(vids + imgs)
     batch = len(vids) + len(imgs)
     assert inputs.frames.shape == (batch, 3, size, size) and inputs.frames.dtype == torch.float32
     assert 0.0 <= float(inputs.frames.min()) and float(inputs.frames.max()) <= 1.0
@@ -251,6 +269,12 @@ def test_collate_shapes_and_masks(roots, layout, size):
     assert inputs.input_ids.shape == inputs.attention_mask.shape == inputs.labels.shape == \
         inputs.instruction_mask.shape and inputs.input_ids.shape[0] == batch
     assert inputs.instruction_mask.any(dim=1).all()
+    for s, m, rm in zip(vids + imgs, masks, ref_masks):  # the same objects on every reference frame
+        assert rm.shape == (NUM_REF, *m.shape) and rm.dtype == torch.bool
+        if s.ref_masks is None:
+            assert torch.equal(rm, m[None].expand_as(rm))
+        else:
+            assert torch.equal(rm, torch.stack([resize_masks(f, size) for f in s.ref_masks]))
     seg_id = layout.ids[SEG]
     for s, m, labels in zip(vids + imgs, masks, inputs.labels):
         assert m.dtype == torch.bool and m.shape == (s.masks.shape[0], size, size)
@@ -269,9 +293,10 @@ def test_collate_shapes_and_masks(roots, layout, size):
         assert min(ious) > 0.9
     else:
         assert np.mean(ious) > 0.85 and min(ious) > 0.5
-    only_images, _ = collate(imgs)
+    only_images, _, no_refs = collate(imgs)
+    assert no_refs is None
     assert only_images.ref_frames is None
-    only_videos, _ = collate(vids[:2])
+    only_videos, _, _ = collate(vids[:2])
     assert only_videos.ref_frames.shape == (2, NUM_REF, 3, size, size)
 
 
@@ -282,7 +307,7 @@ def test_dataloader_over_the_mixture(roots, layout):
                                          collate_fn=Collator(layout, image_size=32, pad_id=0))
     batches = iter(loader)
     for _ in range(3):
-        inputs, masks = next(batches)
+        inputs, masks, _ = next(batches)
         assert inputs.frames.shape == (4, 3, 32, 32) and len(masks) == 4
         assert inputs.ref_frames is None or inputs.ref_frames.shape == (4, NUM_REF, 3, 32, 32)
 

@@ -30,7 +30,8 @@ def resize_masks(masks: np.ndarray, size: int) -> torch.Tensor:
 
 
 class Collator:
-    """`samples -> (ModelInputs, masks)`; masks[i] is (K_i, S, S) bool, one per [SEG] of answer i, in order.
+    """`samples -> (ModelInputs, masks, ref_masks)`; masks[i] is (K_i, S, S) bool, one per [SEG] of answer i, in
+    order; ref_masks[i] is (R, K_i, S, S) bool, the same objects on the reference frames (None without refs).
 
     Reference frames: (B, R, 3, S, S) when any sample is a video (all videos must share R; an image in such a batch
     gets its key frame repeated R times, as OVP treats an image as its own reference), None for a batch of images.
@@ -40,7 +41,8 @@ class Collator:
         self.layout, self.image_size, self.pad_id = layout, image_size, pad_id
         self.seg_id = layout.ids[SEG]
 
-    def __call__(self, samples: list[TrainingSample]) -> tuple[ModelInputs, list[torch.Tensor]]:
+    def __call__(self, samples: list[TrainingSample]
+                 ) -> tuple[ModelInputs, list[torch.Tensor], list[torch.Tensor] | None]:
         if not samples:
             raise ValueError("Collator: empty batch")
         size = self.image_size
@@ -72,4 +74,10 @@ class Collator:
         inputs = ModelInputs(frames=frames, ref_frames=ref_frames, input_ids=batch["input_ids"],
                              attention_mask=batch["attention_mask"], instruction_mask=batch["instruction_mask"],
                              labels=batch["labels"])
-        return inputs, [resize_masks(s.masks, size) for s in samples]
+        masks = [resize_masks(s.masks, size) for s in samples]
+        ref_masks = None
+        if ref_frames is not None:
+            count = ref_frames.shape[1]
+            ref_masks = [torch.stack([resize_masks(m, size) for m in s.ref_masks]) if s.ref_masks is not None
+                         else key[None].repeat(count, 1, 1, 1) for s, key in zip(samples, masks)]
+        return inputs, masks, ref_masks

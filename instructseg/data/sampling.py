@@ -41,6 +41,21 @@ def sample_video_frames(num_frames: int, num_ref: int, jump: int, rng: random.Ra
     return key, sorted(refs)
 
 
+def track_frames(num_frames: int, key: int, count: int, rng: random.Random) -> list[int]:
+    """`count` consecutive frames next to `key`, in the order SAM2 memory would track them from it: forwards
+    (key+1, key+2, ...) or backwards (key-1, key-2, ...), the direction drawn at random where both fit. Where the
+    video ends first, the last frame repeats (tracking a still frame)."""
+    if not 0 <= key < num_frames:
+        raise InputError(f"track_frames: key frame {key} outside a video of {num_frames} frames")
+    forward = rng.random() < 0.5
+    if key + count >= num_frames and key - count >= 0:
+        forward = False
+    elif key - count < 0 and key + count < num_frames:
+        forward = True
+    step = 1 if forward else -1
+    return [min(max(key + step * (i + 1), 0), num_frames - 1) for i in range(count)]
+
+
 def uniform_key_frames(num_frames: int, k: int) -> list[int]:
     """`k` frame indices spread evenly over a video: the centre of each of `k` equal segments, rounded down.
 

@@ -70,6 +70,14 @@ class MaskDecoder(nn.Module, ABC):
     def decode(self, features: FrameFeatures, prompts: Prompts) -> DecoderOutput:
         """Decode each sample's object slots on its own frame, without memory (images, key frames in training)."""
 
+    def track(self, key_features: FrameFeatures, prompts: Prompts, ref_frames: torch.Tensor
+              ) -> tuple[DecoderOutput, list[DecoderOutput]]:
+        """Training on clips: decode the key frame, then follow its objects through `ref_frames` (B, R, 3, S, S),
+        given in tracking order. Returns (key output, one output per reference frame). This default decodes every
+        reference frame on its own with the key frame's prompts; decoders with memory override it."""
+        key = self.decode(key_features, prompts)
+        return key, [self.decode(self.encode(ref_frames[:, r]), prompts) for r in range(ref_frames.shape[1])]
+
     @abstractmethod
     def propagate(self, frame_at: Callable[[int], torch.Tensor], num_frames: int,
                   key_prompts: dict[int, Prompts]) -> Iterator[tuple[int, DecoderOutput]]:

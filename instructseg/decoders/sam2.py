@@ -84,6 +84,27 @@ class SAM2Decoder(MaskDecoder):
         masks, scores = out[4], out[6]
         return _output(masks.view(b, n, *masks.shape[-2:]), scores.view(b, n), prompts.object_valid)
 
+    # -- clips in training: the key frame conditions SAM2's memory, which tracks its objects -------------------
+    def track(self, key_features: FrameFeatures, prompts: Prompts, ref_frames: torch.Tensor
+              ) -> tuple[DecoderOutput, list[DecoderOutput]]:
+        b, n = prompts.object_valid.shape
+        rows = torch.arange(b, device=ref_frames.device).repeat_interleave(n)
+        num = ref_frames.shape[1] + 1
+        memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+        outputs = []
+        for t in range(num):
+            features = key_features if t == 0 else self.encode(ref_frames[:, t - 1])
+            feats, pos, sizes = self._sam_inputs(features.select(rows))
+            out = self.sam.track_step(frame_idx=t, is_init_cond_frame=t == 0, current_vision_feats=feats,
+                                      current_vision_pos_embeds=pos, feat_sizes=sizes,
+                                      point_inputs=self._prompt(key_features, prompts) if t == 0 else None,
+                                      mask_inputs=None, output_dict=memory, num_frames=num)
+            memory["cond_frame_outputs" if t == 0 else "non_cond_frame_outputs"][t] = out
+            masks = out["pred_masks_high_res"]
+            outputs.append(_output(masks.view(b, n, *masks.shape[-2:]), out["object_score_logits"].view(b, n),
+                                   prompts.object_valid))
+        return outputs[0], outputs[1:]
+
     # -- video ------------------------------------------------------------------------------------------------
     def propagate(self, frame_at: Callable[[int], torch.Tensor], num_frames: int,
                   key_prompts: dict[int, Prompts]) -> Iterator[tuple[int, DecoderOutput]]:

@@ -32,6 +32,12 @@ def text_prompt(sparse: torch.Tensor, dense: torch.Tensor | None = None) -> dict
 class TextPromptSAM2(SAM2Base):
     """SAM2Base that also accepts text prompts (see the module docstring). Clicks still work alongside them."""
 
+    def _track_step(self, *args, **kwargs):
+        current_out, sam_outputs, high_res, pix_feat = super()._track_step(*args, **kwargs)
+        # SAM2 records presence logits only in eval; we also learn presence on tracked frames in training
+        current_out["object_score_logits"] = sam_outputs[6]
+        return current_out, sam_outputs, high_res, pix_feat
+
     def _use_multimask(self, is_init_cond_frame, point_inputs):
         if point_inputs is not None and "text_sparse" in point_inputs:
             return False  # a text prompt names one object: a single mask, no ambiguity heads

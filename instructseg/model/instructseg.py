@@ -141,15 +141,25 @@ class InstructSegModel(nn.Module):
         return Prompts(object_embeds=self.object_proj(slots.to(text.dtype)), object_valid=valid, text_embed=text)
 
     # -- forward / generate ---------------------------------------------------------------------------------
-    def forward(self, inputs: ModelInputs) -> InstructSegOutput:
+    def forward(self, inputs: ModelInputs, *, track: bool | None = None) -> InstructSegOutput:
+        """Teacher-forced forward. With `track` (default: in training, when the batch has reference frames) the
+        objects are also followed through the reference frames (SAM2 memory), to learn propagation."""
         features = self.decoder.encode(inputs.frames)
         out = self.llm(inputs_embeds=self.embed(inputs), attention_mask=inputs.attention_mask,
                        output_hidden_states=True)
         prompts = self.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
-        decoded = self.decoder.decode(features, prompts)
+        track = (self.training and inputs.ref_frames is not None) if track is None else track
+        tracked_masks = tracked_scores = None
+        if track:
+            decoded, refs = self.decoder.track(features, prompts, inputs.ref_frames)
+            tracked_masks = torch.stack([r.mask_logits for r in refs], dim=1)
+            tracked_scores = torch.stack([r.score_logits for r in refs], dim=1)
+        else:
+            decoded = self.decoder.decode(features, prompts)
         return InstructSegOutput(logits=out.logits, mask_logits=decoded.mask_logits,
                                  score_logits=decoded.score_logits, object_valid=prompts.object_valid,
-                                 text_embed=prompts.text_embed)
+                                 text_embed=prompts.text_embed, track_mask_logits=tracked_masks,
+                                 track_score_logits=tracked_scores)
 
     @torch.no_grad()
     def generate(self, inputs: ModelInputs, *, max_new_tokens: int | None = None,

@@ -49,6 +49,9 @@ class InstructSegOutput:
     score_logits: (B, N) object presence (sam2) or query-instruction match (mask2former); padding slots -1e4.
     object_valid: (B, N) bool, False on padding slots.
     text_embed:   (B, C) the VMTF text embedding E_v.
+    track_mask_logits:  (B, R, N, S, S) the same slots followed through the reference frames (training on clips),
+                        or None.
+    track_score_logits: (B, R, N) or None.
     """
 
     logits: torch.Tensor
@@ -56,6 +59,8 @@ class InstructSegOutput:
     score_logits: torch.Tensor
     object_valid: torch.Tensor
     text_embed: torch.Tensor
+    track_mask_logits: torch.Tensor | None = None
+    track_score_logits: torch.Tensor | None = None
 
 
 @dataclass

@@ -170,9 +170,26 @@ class SegmentationLoss:
         return sigmoid_bce(logits, targets), dice_loss(logits, targets)
 
     def __call__(self, outputs: InstructSegOutput, labels: torch.Tensor | None,
-                 target_masks: list[torch.Tensor]) -> LossOutput:
+                 target_masks: list[torch.Tensor], ref_masks: list[torch.Tensor] | None = None) -> LossOutput:
         """outputs: model outputs (mask_logits (B, N, S, S)); labels (B, L) or None (no LM loss);
-        target_masks: B tensors (K_i, S, S) bool at the decoder resolution (K_i = 0: no target)."""
+        target_masks: B tensors (K_i, S, S) bool at the decoder resolution (K_i = 0: no target);
+        ref_masks: B tensors (R, K_i, S, S), the targets on the reference frames, when the outputs were tracked
+        (`track_mask_logits`): each reference frame is then scored like a key frame, and the parts add up."""
+        result = self._frame_loss(outputs, labels, target_masks)
+        if outputs.track_mask_logits is None or ref_masks is None:
+            return result
+        b, r, n = outputs.track_score_logits.shape
+        tracked = InstructSegOutput(
+            logits=outputs.logits, mask_logits=outputs.track_mask_logits.flatten(0, 1),
+            score_logits=outputs.track_score_logits.flatten(0, 1),
+            object_valid=outputs.object_valid.repeat_interleave(r, dim=0), text_embed=outputs.text_embed)
+        per_frame = [m[t] for m in ref_masks for t in range(r)]
+        track = self._frame_loss(tracked, None, per_frame)
+        parts = {**result.parts, **{f"track_{k}": v for k, v in track.parts.items()}}
+        return LossOutput(total=result.total + track.total, parts=parts)
+
+    def _frame_loss(self, outputs: InstructSegOutput, labels: torch.Tensor | None,
+                    target_masks: list[torch.Tensor]) -> LossOutput:
         mask_logits, scores = outputs.mask_logits, outputs.score_logits
         batch, _, size = mask_logits.shape[:3]
         if len(target_masks) != batch:

@@ -162,16 +162,17 @@ class Trainer:
         for _ in range(self.recipe.train.batch_size):
             name, index, epoch = next(self.sampler)
             samples.append(self.datasets[name].sample(index, epoch))
-        inputs, targets = self.collate(samples)
+        inputs, masks, ref_masks = self.collate(samples)
         dtype = torch.bfloat16 if self.cuda else None
-        return inputs.to(self.device, dtype), [t.to(self.device) for t in targets]
+        ref_masks = [m.to(self.device) for m in ref_masks] if ref_masks is not None else None
+        return inputs.to(self.device, dtype), [m.to(self.device) for m in masks], ref_masks
 
     def train_step(self) -> dict[str, float]:
         parts: dict[str, float] = {}
         for _ in range(self.recipe.train.grad_accum):
-            inputs, targets = self.micro_batch()
+            inputs, masks, ref_masks = self.micro_batch()
             out = self.engine(inputs)
-            loss = self.loss(out, inputs.labels, targets)
+            loss = self.loss(out, inputs.labels, masks, ref_masks)
             self.engine.backward(loss.total)
             self.engine.step()
             for key, value in {"loss": float(loss.total.detach()), **loss.parts}.items():
