@@ -61,6 +61,59 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """One-line warnings; no progress bars or info logs from the libraries underneath."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.showwarning = lambda message, *args, **kwargs: print(f"instructseg: warning: {message}",
+                                                                  file=sys.stderr)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _predictor(args: argparse.Namespace):
+    import torch
+
+    from instructseg.inference.predictor import InstructSegPredictor
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here (use --device cpu)")
+    return InstructSegPredictor(args.model, device=args.device)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from instructseg.inference.io import open_source
+
+    _quiet_libraries()
+    source = open_source(args.input)  # bad input fails before the model loads
+    predictor = _predictor(args)
+    bar = tqdm(total=len(source), desc="segment", unit="frame", disable=not sys.stderr.isatty(), leave=False)
+    result = predictor.segment(source, args.instruction, mode=args.mode, key_frames=args.key_frames,
+                               out_dir=args.out, progress=lambda done, total: bar.update(done - bar.n))
+    bar.close()
+    print(result.text)
+    if result.objects:
+        print(f"{len(result.objects)} object(s): " + ", ".join(f"#{o.id} score {o.score:.2f}" for o in result.objects),
+              file=sys.stderr)
+    if args.out:
+        print(f"wrote {Path(args.out) / 'result.json'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from instructseg.inference.chat_cli import run_chat
+
+    _quiet_libraries()
+    return run_chat(args.input, _predictor(args), out_dir=Path(args.out), mode=args.mode)
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         value = int(text)
@@ -69,6 +122,11 @@ def _size(text: str) -> tuple[int, int]:
     if value < 16:
         raise argparse.ArgumentTypeError(f"size must be at least 16 pixels, got {value}")
     return value
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="preset (default, tiny, smol) or a saved model directory")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--legacy-visa", action="store_true",
                    help="reproduce the public scorer's un-binarised R and A on 0/255 PNGs")
     r.set_defaults(func=_cmd_eval_revos)
+
+    p = sub.add_parser("segment", help="answer an instruction about an image or video and segment what it refers to")
+    p.add_argument("input", help="video file (mp4, webm, avi, mov, mkv), a directory of frames, or an image")
+    p.add_argument("instruction", help='e.g. "segment the red circle" or "which shape moves fastest?"')
+    _model_args(p)
+    p.add_argument("--out", help="write result.json, masks/<object>/<frame>.png and an overlay here")
+    p.add_argument("--mode", default="propagate", choices=["propagate", "per-frame"])
+    p.add_argument("--key-frames", type=int, default=None, help="LLM key frames in propagate mode (default 3)")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("chat", help="multi-round terminal chat about one image or video")
+    p.add_argument("input")
+    _model_args(p)
+    p.add_argument("--out", default="chat_out", help="masks of each turn go to OUT/turn_<n>/")
+    p.add_argument("--mode", default="propagate", choices=["propagate", "per-frame"])
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("train", help="fine-tune with DeepSpeed from a recipe (resumes when re-run)")
     p.add_argument("recipe", help="recipe YAML, e.g. scripts/recipes/tiny_synthetic.yaml")

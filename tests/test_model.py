@@ -235,3 +235,9 @@ def test_config_yaml_and_overrides(tmp_path):
     path.write_text("model:\n  llm:\n    lorar: 2\n")
     with pytest.raises(InputError, match="c.yaml: unknown LLMConfig field"):
         ModelConfig.load(path)
+
+
+def test_history_seg_tokens_are_not_objects(model):
+    enc = model.layout.encode("and the blue one?", "Sure, [SEG].", history=[("the red circle", "It is here [SEG].")])
+    assert int((enc.input_ids == model.token_ids[SEG]).sum()) == 1
+    assert "It is here" in model.tokenizer.decode(enc.input_ids)

@@ -39,11 +39,18 @@ class Prompts:
     object_embeds: (B, N, C) one embedding per object slot ([SEG] states for sam2, mask-query states for mask2former).
     object_valid:  (B, N) bool, False for padding slots.
     text_embed:    (B, C) the VMTF text embedding E_v.
+    Optional user refinements (visual prompts on this frame; decoders that cannot use them ignore them):
+    point_coords:  (B, N, P, 2) float (x, y) in decoder pixels; point_labels (B, N, P) int: 1 positive,
+                   0 negative, 2/3 box corners, -1 padding.
+    mask_inputs:   (B, N, S, S) float: a mask that replaces the prediction on this frame.
     """
 
     object_embeds: torch.Tensor
     object_valid: torch.Tensor
     text_embed: torch.Tensor
+    point_coords: torch.Tensor | None = None
+    point_labels: torch.Tensor | None = None
+    mask_inputs: torch.Tensor | None = None
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The SAM2 decoder: text-derived embeddings prompt SAM2; in video, SAM2's memory propagates key-frame masks."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -67,7 +68,10 @@ class SAM2Decoder(MaskDecoder):
             img = F.normalize(features.tokens, dim=-1)  # (B, HW, C)
             sim = torch.einsum("bpc,bc->bp", img, F.normalize(prompts.text_embed, dim=-1)).view(b, 1, h, w)
             dense = self.dense(sim).repeat_interleave(n, dim=0)
-        return text_prompt(sparse, dense)
+        if prompts.point_coords is None:
+            return text_prompt(sparse, dense)
+        return text_prompt(sparse, dense, coords=prompts.point_coords.flatten(0, 1),
+                           labels=prompts.point_labels.flatten(0, 1))
 
     # -- images / key frames ----------------------------------------------------------------------------------
     def decode(self, features: FrameFeatures, prompts: Prompts) -> DecoderOutput:
@@ -107,24 +111,44 @@ class SAM2Decoder(MaskDecoder):
 
     # -- video ------------------------------------------------------------------------------------------------
     def propagate(self, frame_at: Callable[[int], torch.Tensor], num_frames: int,
-                  key_prompts: dict[int, Prompts]) -> Iterator[tuple[int, DecoderOutput]]:
+                  key_prompts: dict[int, Prompts], *, reanchor: "Reanchor | None" = None
+                  ) -> Iterator[tuple[int, DecoderOutput]]:
+        """See `MaskDecoder.propagate`. With `reanchor` (tracking-bias correction, SAMWISE), each tracked frame is
+        also decoded without memory using the nearest key frame's prompts; where that decode is confident and the
+        tracked mask strongly disagrees with it, the frame becomes a conditioning frame (the objects re-anchor)."""
         keys = sorted(key_prompts)
         n = key_prompts[keys[0]].object_valid.shape[1]
         memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+        self.reanchored: list[int] = []
 
         def step(t: int, prompt: Prompts | None, reverse: bool) -> DecoderOutput:
             features = self.encode(frame_at(t))
-            feats, pos, sizes = self._sam_inputs(features.select([0] * n))
-            inputs = self._prompt(features, prompt) if prompt is not None else None
-            out = self.sam.track_step(frame_idx=t, is_init_cond_frame=prompt is not None,
-                                      current_vision_feats=feats, current_vision_pos_embeds=pos,
-                                      feat_sizes=sizes, point_inputs=inputs, mask_inputs=None,
-                                      output_dict=memory, num_frames=num_frames, track_in_reverse=reverse)
-            kind = "cond_frame_outputs" if prompt is not None else "non_cond_frame_outputs"
-            memory[kind][t] = _compact(out)
+            out = track(t, features, prompt, reverse)
+            if prompt is None and reanchor is not None:
+                nearest = key_prompts[min(keys, key=lambda k: (abs(k - t), k))]
+                free = self.decode(features, nearest)
+                if reanchor.disagrees(out["pred_masks_high_res"].view(1, n, *free.mask_logits.shape[-2:]), free):
+                    memory["non_cond_frame_outputs"].pop(t, None)
+                    out = track(t, features, nearest, reverse)
+                    self.reanchored.append(t)
             valid = key_prompts[keys[0]].object_valid
             return _output(out["pred_masks_high_res"].view(1, n, *out["pred_masks_high_res"].shape[-2:]),
                            out["object_score_logits"].view(1, n), valid)
+
+        def track(t: int, features: FrameFeatures, prompt: Prompts | None, reverse: bool) -> dict:
+            feats, pos, sizes = self._sam_inputs(features.select([0] * n))
+            inputs = masks = None
+            if prompt is not None and prompt.mask_inputs is not None:  # a given mask is this frame's output
+                masks = prompt.mask_inputs.reshape(n, 1, *prompt.mask_inputs.shape[-2:])
+            elif prompt is not None:
+                inputs = self._prompt(features, prompt)
+            out = self.sam.track_step(frame_idx=t, is_init_cond_frame=prompt is not None,
+                                      current_vision_feats=feats, current_vision_pos_embeds=pos,
+                                      feat_sizes=sizes, point_inputs=inputs, mask_inputs=masks,
+                                      output_dict=memory, num_frames=num_frames, track_in_reverse=reverse)
+            kind = "cond_frame_outputs" if prompt is not None else "non_cond_frame_outputs"
+            memory[kind][t] = _compact(out)
+            return out
 
         for t in keys:
             yield t, step(t, key_prompts[t], reverse=False)
@@ -140,6 +164,22 @@ class SAM2Decoder(MaskDecoder):
         """Drop non-conditioning outputs SAM2 can no longer attend to, so memory stays flat on long videos."""
         old = t + self.memory_span if reverse else t - self.memory_span
         memory["non_cond_frame_outputs"].pop(old, None)
+
+
+@dataclass
+class Reanchor:
+    """When to re-anchor a tracked object: the memory-free decode sees it with probability >= `min_score` and the
+    tracked mask overlaps that decode with IoU < `max_iou` (the tracker drifted or lost it)."""
+
+    min_score: float = 0.8
+    max_iou: float = 0.1
+
+    def disagrees(self, tracked: torch.Tensor, free: DecoderOutput) -> bool:
+        a, b = tracked[0] > 0, free.mask_logits[0] > 0  # (N, S, S)
+        inter = (a & b).flatten(1).sum(1).float()
+        union = (a | b).flatten(1).sum(1).float().clamp(min=1)
+        confident = free.score_logits[0].sigmoid() >= self.min_score
+        return bool((confident & b.flatten(1).any(1) & (inter / union < self.max_iou)).any())
 
 
 def _compact(out: dict) -> dict:

@@ -18,15 +18,16 @@ from instructseg.errors import InputError
 TARGET = "instructseg.decoders.sam2_prompting.TextPromptSAM2"
 
 
-def text_prompt(sparse: torch.Tensor, dense: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
-    """A SAM2 `point_inputs` dict carrying text embeddings and no clicks (one padding point labelled -1)."""
+def text_prompt(sparse: torch.Tensor, dense: torch.Tensor | None = None, *, coords: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+    """A SAM2 `point_inputs` dict carrying text embeddings, and clicks (B, P, 2) / labels (B, P) if given
+    (otherwise one padding point labelled -1)."""
     batch = sparse.shape[0]
-    return {
-        "point_coords": sparse.new_zeros(batch, 1, 2),
-        "point_labels": -torch.ones(batch, 1, dtype=torch.int32, device=sparse.device),
-        "text_sparse": sparse,
-        "text_dense": dense,
-    }
+    if coords is None:
+        coords = sparse.new_zeros(batch, 1, 2)
+        labels = -torch.ones(batch, 1, dtype=torch.int32, device=sparse.device)
+    return {"point_coords": coords.to(sparse.dtype), "point_labels": labels.to(torch.int32),
+            "text_sparse": sparse, "text_dense": dense}
 
 
 class TextPromptSAM2(SAM2Base):

@@ -63,11 +63,21 @@ def save_model(model, directory: Path, *, merge_lora: bool = False) -> None:
     os.replace(tmp, directory)
 
 
+def default_model_dir() -> Path:
+    """Where the shipped `default` model lives: inside the package, next to this code."""
+    return Path(__file__).resolve().parents[1] / "weights" / "default"
+
+
 def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", seed: int = 0):
     """A preset (random parts, real weights where the preset names them) or a saved model directory."""
     from instructseg.model.instructseg import InstructSegModel
 
     path = Path(name_or_dir)
+    if str(name_or_dir) == "default" and not path.exists():
+        path = default_model_dir()
+        if not (path / "config.json").is_file():
+            raise InputError("the default model is not shipped in this version yet: pass --model tiny (random) "
+                             "or a trained model directory")
     if str(name_or_dir) in PRESETS and not path.exists():
         torch.manual_seed(seed)
         return InstructSegModel(preset(str(name_or_dir))).to(device)

@@ -170,28 +170,36 @@ class InstructSegModel(nn.Module):
             raise ValueError("generate takes one prompt at a time")
         features = self.decoder.encode(inputs.frames) if features is None else features
         embeds = self.embed(inputs)
-        eos = self.tokenizer.eos_token_id
         new = self.llm.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask, do_sample=False,
                                 max_new_tokens=max_new_tokens or self.config.llm.max_new_tokens,
-                                eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id,
+                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                                 suppress_tokens=[self.token_ids[t] for t in (IMG, REF, MQ)], **generate_kwargs)
-        full_ids = torch.cat([inputs.input_ids, new], dim=1)
-        full = torch.cat([embeds, self.llm.get_input_embeddings()(new)], dim=1)
-        mask = torch.ones_like(full_ids)
-        hidden = self.llm(inputs_embeds=full, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-        instruction = F.pad(inputs.instruction_mask, (0, new.shape[1]), value=False)
-        prompts = self.prompts(hidden, full_ids, instruction, features)
-        num_objects = int((new == self.token_ids[SEG]).sum())
-        if self.config.decoder.kind == "mask2former":
-            prompts = self._top_queries(features, prompts, num_objects)
-        else:
-            prompts = Prompts(object_embeds=prompts.object_embeds[:, :num_objects],
-                              object_valid=prompts.object_valid[:, :num_objects], text_embed=prompts.text_embed)
+        full = ModelInputs(frames=inputs.frames, ref_frames=inputs.ref_frames,
+                           input_ids=torch.cat([inputs.input_ids, new], dim=1),
+                           attention_mask=torch.ones(1, inputs.input_ids.shape[1] + new.shape[1],
+                                                     dtype=inputs.attention_mask.dtype, device=new.device),
+                           instruction_mask=F.pad(inputs.instruction_mask, (0, new.shape[1]), value=False))
+        full_embeds = torch.cat([embeds, self.llm.get_input_embeddings()(new)], dim=1)
+        prompts = self.condition(full, features, embeds=full_embeds)
         raw = self.tokenizer.decode(new[0], skip_special_tokens=False)
         raw = raw.split(self.tokenizer.eos_token)[0] if self.tokenizer.eos_token else raw
         text = " ".join(raw.replace(SEG, " ").split())
-        return Generation(text=text, raw_text=raw.strip(), num_objects=num_objects, prompts=prompts,
-                          features=features)
+        return Generation(text=text, raw_text=raw.strip(), num_objects=prompts.object_embeds.shape[1],
+                          prompts=prompts, features=features)
+
+    @torch.no_grad()
+    def condition(self, inputs: ModelInputs, features: FrameFeatures, *, embeds: torch.Tensor | None = None
+                  ) -> Prompts:
+        """Decoder prompts for one prompt whose answer is already in `input_ids` (B = 1): one teacher-forced pass.
+        Returns exactly one object slot per [SEG] of the answer."""
+        embeds = self.embed(inputs) if embeds is None else embeds
+        out = self.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask, output_hidden_states=True)
+        prompts = self.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
+        k = int((inputs.input_ids == self.token_ids[SEG]).sum())
+        if self.config.decoder.kind == "mask2former":
+            return self._top_queries(features, prompts, k)
+        return Prompts(object_embeds=prompts.object_embeds[:, :k], object_valid=prompts.object_valid[:, :k],
+                       text_embed=prompts.text_embed)
 
     def _top_queries(self, features: FrameFeatures, prompts: Prompts, k: int) -> Prompts:
         """mask2former: keep the k queries that match the instruction best (k = number of [SEG])."""

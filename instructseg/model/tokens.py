@@ -64,6 +64,8 @@ class PromptLayout:
                history: list[tuple[str, str]] = ()) -> EncodedPrompt:
         """Encode a user instruction (and, for training, the answer to learn). An instruction too long for
         `max_length` is cut from the end; `EncodedPrompt.instruction` always spans what the model saw."""
+        # earlier answers keep their words but not their [SEG] tokens: only this answer's [SEG]s are objects
+        history = [(user, " ".join(answer.replace(SEG, " ").split())) for user, answer in history]
         before, after = template_parts(self.tokenizer, self.system_prompt, history)
         prefix = self._tok(before) + [self.ids[IMG]] * self.counts[IMG] + [self.ids[REF]] * self.counts[REF]
         suffix = [self.ids[MQ]] * self.counts[MQ] + self._tok(after)

@@ -1,0 +1,243 @@
+"""InstructSegPredictor: chat with an image or a video, get the answer text and one masklet per referred object.
+
+Modes for video:
+- `propagate` (default): the LLM answers on the first of K uniformly spaced key frames; the answer conditions the
+  other key frames with one teacher-forced pass each; SAM2 memory propagates the key-frame masks to every frame,
+  forwards and backwards (Sa2VA-i: uniform key frames). Each frame is encoded by the decoder once.
+- `per-frame`: InstructSeg's protocol, the baseline: every frame goes through the LLM with its reference frames
+  and is decoded on its own.
+Results stream frame by frame (`stream`), so a long video never holds all frames or all masks in memory.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from instructseg.data.sampling import track_frames, uniform_key_frames
+from instructseg.decoders.base import DecoderOutput, Prompts
+from instructseg.errors import InputError
+from instructseg.inference.io import FrameSource, open_source
+from instructseg.inference.results import Masklet, ResultWriter, SegmentationResult, encode_mask
+from instructseg.model.outputs import ModelInputs
+from instructseg.model.tokens import pad_prompts
+
+MODES = ("propagate", "per-frame")
+DEFAULT_KEY_FRAMES = 3
+
+
+@dataclass
+class FrameResult:
+    """One frame's masks: masks (N, H, W) bool at the source resolution, scores (N,) in [0, 1]."""
+
+    index: int
+    name: str
+    masks: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass
+class Refinement:
+    """Visual prompts a user added on one frame, per object id (1-based): clicks in source pixels, or a mask."""
+
+    points: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # id -> ((P, 2) xy, (P,) labels)
+    masks: dict[int, np.ndarray] = field(default_factory=dict)  # id -> (H, W) bool
+
+
+@dataclass
+class Answer:
+    """The LLM side of one question: text, the answer with [SEG] tokens, decoder prompts per key frame."""
+
+    text: str
+    raw_text: str
+    num_objects: int
+    key_prompts: dict[int, Prompts]
+    llm_calls: int
+
+
+class InstructSegPredictor:
+    """`InstructSegPredictor("default")` or `InstructSegPredictor(model)`; see the module docstring for modes."""
+
+    def __init__(self, model="default", *, device: str = "cpu", reanchor: bool = True):
+        from instructseg.model.instructseg import InstructSegModel
+
+        if not isinstance(model, InstructSegModel):
+            from instructseg.model.checkpoint import load_model
+
+            model = load_model(str(model), device=device)
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.size = model.decoder.image_size
+        self.num_ref = model.config.perceiver.num_ref_frames
+        self.reanchor = reanchor
+
+    # -- public API -----------------------------------------------------------------------------------------
+    def start(self, source) -> "ChatSession":
+        from instructseg.inference.session import ChatSession
+
+        return ChatSession(self, source if isinstance(source, FrameSource) else open_source(source))
+
+    def segment(self, source, instruction: str, *, mode: str = "propagate", key_frames: int | None = None,
+                out_dir: str | Path | None = None, history: list[tuple[str, str]] = (),
+                refinements: dict[int, Refinement] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> SegmentationResult:
+        """Answer `instruction` about `source` (path or FrameSource) and return text + masklets; with `out_dir`,
+        also write result.json, masks/<id>/<frame>.png and the overlay there."""
+        frames = source if isinstance(source, FrameSource) else open_source(source)
+        start = time.perf_counter()
+        answer = self.answer(frames, instruction, mode=mode, key_frames=key_frames, history=history,
+                             refinements=refinements)
+        self.last_raw_text = answer.raw_text
+        result, writer = self._collect(frames, instruction, mode, answer, out_dir)
+        for done, frame in enumerate(self.frames(frames, answer, mode=mode, instruction=instruction,
+                                                 history=history), 1):
+            self._record(result, writer, frame)
+            if progress is not None:
+                progress(done, len(frames))
+        total = time.perf_counter() - start
+        result.timing.update(total_s=round(total, 4), frames=len(frames), llm_calls=self.llm_calls,
+                             key_frames=len(answer.key_prompts), frames_per_s=round(len(frames) / total, 3))
+        if writer is not None:
+            writer.finish(result)
+        return result
+
+    # -- the LLM side -----------------------------------------------------------------------------------------
+    def answer(self, frames: FrameSource, instruction: str, *, mode: str = "propagate", key_frames: int | None = None,
+               history: list[tuple[str, str]] = (), refinements: dict[int, Refinement] | None = None) -> Answer:
+        instruction = _check_instruction(instruction, mode)
+        if key_frames is not None and key_frames < 1:
+            raise InputError(f"--key-frames {key_frames}: must be at least 1")
+        keys = uniform_key_frames(len(frames), key_frames or DEFAULT_KEY_FRAMES) if frames.is_video else [0]
+        self.llm_calls = 1
+        first = self._inputs(frames, keys[0], instruction, None, history)
+        with torch.inference_mode():
+            gen = self.model.generate(first)
+            prompts = {keys[0]: gen.prompts}
+            if gen.num_objects and mode == "propagate":
+                for t in keys[1:]:
+                    inputs = self._inputs(frames, t, instruction, gen.raw_text, history)
+                    prompts[t] = self.model.condition(inputs, self.model.decoder.encode(inputs.frames))
+                    self.llm_calls += 1
+        for t, refinement in (refinements or {}).items():
+            prompts[t] = self._refine(frames, prompts, t, refinement, gen.num_objects)
+        return Answer(text=gen.text, raw_text=gen.raw_text, num_objects=gen.num_objects, key_prompts=prompts,
+                      llm_calls=self.llm_calls)
+
+    def _inputs(self, frames: FrameSource, t: int, instruction: str, answer: str | None,
+                history: list[tuple[str, str]]) -> ModelInputs:
+        layout = self.model.layout
+        if not layout.instruction_fits(instruction, history):
+            import warnings
+
+            warnings.warn("the instruction is longer than the model's context: it was trimmed", stacklevel=3)
+        prompt = layout.encode(instruction, answer, history)
+        batch = pad_prompts([prompt], self.model.tokenizer.pad_token_id)
+        batch.pop("labels")
+        refs = None
+        if frames.is_video:
+            ref_idx = track_frames(len(frames), t, self.num_ref, _Forward())
+            refs = torch.stack([self._tensor(frames, r) for r in ref_idx])[None]
+        return ModelInputs(frames=self._tensor(frames, t)[None], ref_frames=refs, **batch).to(self.device)
+
+    def _tensor(self, frames: FrameSource, t: int) -> torch.Tensor:
+        return torch.from_numpy(frames.resized(t, self.size)).permute(2, 0, 1).float().div_(255).to(self.device)
+
+    # -- the decoder side ---------------------------------------------------------------------------------
+    def frames(self, frames: FrameSource, answer: Answer, *, mode: str = "propagate", instruction: str = "",
+               history: list[tuple[str, str]] = ()) -> Iterator[FrameResult]:
+        """Frame results as they are ready (key frames first, then forwards, then backwards)."""
+        if answer.num_objects == 0:
+            return
+        frame_at = lambda t: self._tensor(frames, t)[None]  # noqa: E731
+        with torch.inference_mode():
+            if mode == "per-frame" and frames.is_video:
+                outputs = self._per_frame(frames, answer, instruction, history)
+            elif frames.is_video:
+                kwargs = {}
+                if self.reanchor and self.model.config.decoder.kind == "sam2":
+                    from instructseg.decoders.sam2 import Reanchor
+
+                    kwargs["reanchor"] = Reanchor()
+                outputs = self.model.decoder.propagate(frame_at, len(frames), answer.key_prompts, **kwargs)
+            else:
+                features = self.model.decoder.encode(frame_at(0))
+                outputs = iter([(0, self.model.decoder.decode(features, answer.key_prompts[0]))])
+            for t, out in outputs:
+                yield self._frame_result(frames, t, out)
+
+    def _per_frame(self, frames: FrameSource, answer: Answer, instruction: str,
+                   history: list[tuple[str, str]]) -> Iterator[tuple[int, DecoderOutput]]:
+        for t in range(len(frames)):
+            inputs = self._inputs(frames, t, instruction, answer.raw_text, history)
+            features = self.model.decoder.encode(inputs.frames)
+            prompts = self.model.condition(inputs, features)
+            self.llm_calls += 1
+            yield t, self.model.decoder.decode(features, prompts)
+
+    def _frame_result(self, frames: FrameSource, t: int, out: DecoderOutput) -> FrameResult:
+        logits = F.interpolate(out.mask_logits.float(), size=(frames.height, frames.width), mode="bilinear",
+                               align_corners=False)[0]
+        return FrameResult(index=t, name=frames.names[t], masks=(logits > 0).cpu().numpy(),
+                           scores=out.score_logits[0].float().sigmoid().cpu().numpy())
+
+    def _refine(self, frames: FrameSource, prompts: dict[int, Prompts], t: int, refinement: Refinement,
+                num_objects: int) -> Prompts:
+        """Key-frame prompts for frame t with the user's clicks or masks (nearest key frame's embeddings)."""
+        base = prompts.get(t) or prompts[min(prompts, key=lambda k: (abs(k - t), k))]
+        scale = np.array([self.size / frames.width, self.size / frames.height], dtype=np.float32)
+        extra = {}
+        if refinement.masks:
+            masks = torch.zeros(1, num_objects, self.size, self.size)
+            for obj, mask in refinement.masks.items():
+                m = torch.from_numpy(mask.astype(np.float32))[None, None]
+                masks[0, obj - 1] = F.interpolate(m, size=(self.size, self.size), mode="bilinear")[0, 0]
+            extra["mask_inputs"] = masks.to(self.device)
+        if refinement.points:
+            p = max(len(lab) for _, lab in refinement.points.values())
+            coords = torch.zeros(1, num_objects, p, 2)
+            labels = -torch.ones(1, num_objects, p, dtype=torch.int32)
+            for obj, (xy, lab) in refinement.points.items():
+                coords[0, obj - 1, :len(lab)] = torch.from_numpy(np.asarray(xy, np.float32) * scale)
+                labels[0, obj - 1, :len(lab)] = torch.as_tensor(lab, dtype=torch.int32)
+            extra.update(point_coords=coords.to(self.device), point_labels=labels.to(self.device))
+        return Prompts(object_embeds=base.object_embeds, object_valid=base.object_valid, text_embed=base.text_embed,
+                       **extra)
+
+    # -- results --------------------------------------------------------------------------------------------
+    def _collect(self, frames: FrameSource, instruction: str, mode: str, answer: Answer, out_dir):
+        objects = [Masklet(id=i + 1, score=0.0, masks_rle=[None] * len(frames)) for i in range(answer.num_objects)]
+        result = SegmentationResult(instruction=instruction, text=answer.text, mode=mode, frames=list(frames.names),
+                                    height=frames.height, width=frames.width, objects=objects, timing={})
+        writer = ResultWriter(Path(out_dir), frames, answer.num_objects) if out_dir is not None else None
+        self._key_scores: dict[int, list[float]] = {}
+        self._keys = set(answer.key_prompts)
+        return result, writer
+
+    def _record(self, result: SegmentationResult, writer: ResultWriter | None, frame: FrameResult) -> None:
+        for obj, mask, score in zip(result.objects, frame.masks, frame.scores):
+            obj.masks_rle[frame.index] = encode_mask(mask)
+            if frame.index in self._keys or result.mode == "per-frame":
+                self._key_scores.setdefault(obj.id, []).append(float(score))
+                obj.score = float(np.mean(self._key_scores[obj.id]))
+        if writer is not None:
+            writer.add(frame.index, frame.masks)
+
+
+class _Forward:
+    """A stand-in rng for `track_frames` that always picks forwards (inference is deterministic)."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+def _check_instruction(instruction: str, mode: str) -> str:
+    if mode not in MODES:
+        raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise InputError("the instruction is empty: say what to segment, e.g. \"segment the red circle\"")
+    return instruction.strip()
