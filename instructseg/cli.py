@@ -21,16 +21,29 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval_revos(args: argparse.Namespace) -> int:
-    from instructseg.eval.revos import score_revos
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """`eval revos --predictions PRED` scores existing predictions; every other form runs a model first."""
+    if args.benchmark == "revos" and args.predictions is not None:
+        from instructseg.eval.revos import score_revos
 
-    if args.predictions is None:
-        raise InputError("eval revos: --predictions PRED is required (running a model here comes with the benchmark runner)")
-    results = score_revos(Path(args.data_root), args.split, Path(args.predictions), Path(args.output),
-                          workers=args.workers, legacy_visa=args.legacy_visa)
-    _print_revos_table(results)
-    print(f"wrote {Path(args.output) / 'results.json'}")
-    return 0
+        results = score_revos(Path(args.data_root), args.split or "valid", Path(args.predictions), Path(args.output),
+                              workers=args.workers, legacy_visa=args.legacy_visa)
+        _print_revos_table(results)
+        print(f"wrote {Path(args.output) / 'results.json'}")
+        return 0
+    if args.model is None:
+        raise InputError(f"eval {args.benchmark}: --model M is required (or, for revos, --predictions PRED)")
+    _quiet_libraries()
+    from instructseg.eval.runner import run_benchmark
+
+    return run_benchmark(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from instructseg.app import launch
+
+    return launch(args)
 
 
 def _print_revos_table(results: dict) -> None:
@@ -142,17 +155,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, nargs=2, default=(128, 128), metavar=("H", "W"))
     p.set_defaults(func=_cmd_synth)
 
-    p = sub.add_parser("eval", help="benchmark a model or score predictions")
+    p = sub.add_parser("eval", help="benchmark a model (sharded, resumable) or score ReVOS predictions")
     bench = p.add_subparsers(dest="benchmark", required=True)
-    r = bench.add_parser("revos", help="ReVOS: J, F, A, R per expression type")
-    r.add_argument("--data-root", required=True)
-    r.add_argument("--split", default="valid", choices=["train", "valid"])
-    r.add_argument("--predictions", help="PRED/<video>/<exp_id>/<frame>.png to score")
-    r.add_argument("--output", required=True)
-    r.add_argument("--workers", type=int, default=1)
-    r.add_argument("--legacy-visa", action="store_true",
-                   help="reproduce the public scorer's un-binarised R and A on 0/255 PNGs")
-    r.set_defaults(func=_cmd_eval_revos)
+    for name, text in (("revos", "ReVOS: J, F, A, R per expression type"),
+                       ("refytvos", "Ref-YouTube-VOS: submission Annotations + zip, J&F where ground truth exists"),
+                       ("mevis", "MeViS: J&F from mask_dict"), ("davis17", "Ref-DAVIS17: J&F by the DAVIS protocol"),
+                       ("refcoco", "RefCOCO/+/g: cIoU and gIoU per split"), ("reasonseg", "ReasonSeg: gIoU, cIoU")):
+        r = bench.add_parser(name, help=text)
+        r.add_argument("--data-root", required=True)
+        r.add_argument("--split", default=None, help="dataset split (default: valid / val)")
+        r.add_argument("--output", required=True)
+        r.add_argument("--model", default=None, help="preset or saved model dir to run")
+        r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        r.add_argument("--mode", default="propagate", choices=["propagate", "per-frame"])
+        r.add_argument("--key-frames", type=int, default=None)
+        r.add_argument("--limit", type=int, default=None, help="only the first N expressions / sentences")
+        if name == "revos":
+            r.add_argument("--predictions", help="score PRED/<video>/<exp_id>/<frame>.png instead of running a model")
+            r.add_argument("--workers", type=int, default=1)
+            r.add_argument("--legacy-visa", action="store_true",
+                           help="reproduce the public scorer's un-binarised R and A on 0/255 PNGs")
+        if name == "refcoco":
+            r.add_argument("--dataset", default="refcoco", choices=["refcoco", "refcoco+", "refcocog"])
+            r.add_argument("--splits", default=None, help="comma-separated splits (default: val,testA,testB; "
+                                                          "refcocog: val,test)")
+        r.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="web demo: chat with a video or image in the browser")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-upload-mb", type=float, default=200.0)
+    p.add_argument("--max-frames", type=int, default=300)
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("segment", help="answer an instruction about an image or video and segment what it refers to")
     p.add_argument("input", help="video file (mp4, webm, avi, mov, mkv), a directory of frames, or an image")

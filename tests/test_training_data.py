@@ -297,6 +297,10 @@ def test_collate_shapes_and_masks(roots, layout, size):
     assert no_refs is None
     assert only_images.ref_frames is None
     only_videos, _, _ = collate(vids[:2])
+    always = Collator(layout, image_size=size, pad_id=0, num_ref_frames=NUM_REF)  # what the trainer uses
+    images_only, image_masks, image_refs = always(imgs)
+    assert images_only.ref_frames.shape == (len(imgs), NUM_REF, 3, size, size)
+    assert all(torch.equal(r, m[None].expand_as(r)) for r, m in zip(image_refs, image_masks))
     assert only_videos.ref_frames.shape == (2, NUM_REF, 3, size, size)
 
 

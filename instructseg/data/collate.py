@@ -37,8 +37,11 @@ class Collator:
     gets its key frame repeated R times, as OVP treats an image as its own reference), None for a batch of images.
     """
 
-    def __init__(self, layout: PromptLayout, image_size: int, pad_id: int):
+    def __init__(self, layout: PromptLayout, image_size: int, pad_id: int, num_ref_frames: int | None = None):
+        """`num_ref_frames`: when set, every batch gets reference frames (and reference masks), images included,
+        so that every batch trains the same parameters (distributed ranks must agree on which have gradients)."""
         self.layout, self.image_size, self.pad_id = layout, image_size, pad_id
+        self.num_ref_frames = num_ref_frames
         self.seg_id = layout.ids[SEG]
 
     def __call__(self, samples: list[TrainingSample]
@@ -55,6 +58,8 @@ class Collator:
             raise ValueError(f"Collator: videos in one batch need the same number of reference frames, "
                              f"got {ref_counts}")
         ref_frames = None
+        if not ref_counts and self.num_ref_frames:
+            ref_counts = [self.num_ref_frames]
         if ref_counts:
             count = ref_counts[0]
             refs = []

@@ -103,7 +103,8 @@ class Trainer:
         self.model = model
         self.cuda = self.device.type == "cuda"
         self.datasets, self.sampler = self._data(model)
-        self.collate = Collator(model.layout, model.decoder.image_size, model.tokenizer.pad_token_id)
+        self.collate = Collator(model.layout, model.decoder.image_size, model.tokenizer.pad_token_id,
+                                num_ref_frames=self.recipe.train.num_ref_frames or model.config.perceiver.num_ref_frames)
         self.loss = SegmentationLoss(recipe.train.loss, matching=model.config.decoder.kind == "mask2former")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
