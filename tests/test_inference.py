@@ -206,3 +206,17 @@ def test_streaming_keeps_memory_flat_on_a_long_video(seg_model_dir, tmp_path):
         result = json.loads((tmp_path / f"o{count}" / "result.json").read_text())
         assert len(result["frames"]) == count
     assert peaks[400] / peaks[40] < 1.3, peaks
+
+
+def test_terminal_chat_rounds_and_commands(predictor, video_dir, tmp_path):
+    import io
+
+    from instructseg.inference.chat_cli import run_chat
+
+    stdin = io.StringIO("segment the red circle\n/points 1 1 10,12,1 20,5,0\n/propagate\n/nope\nand the square?\n")
+    stdout = io.StringIO()
+    assert run_chat(str(video_dir), predictor, out_dir=tmp_path / "chat", stdin=stdin, stdout=stdout) == 0
+    text = stdout.getvalue()
+    assert "added; /propagate to apply" in text and "unknown command '/nope'" in text
+    for turn in (1, 2, 3):
+        assert (tmp_path / "chat" / f"turn_{turn}" / "result.json").is_file()

@@ -241,3 +241,37 @@ def test_history_seg_tokens_are_not_objects(model):
     enc = model.layout.encode("and the blue one?", "Sure, [SEG].", history=[("the red circle", "It is here [SEG].")])
     assert int((enc.input_ids == model.token_ids[SEG]).sum()) == 1
     assert "It is here" in model.tokenizer.decode(enc.input_ids)
+
+
+def test_model_info_cli_prints_every_component(capsys):
+    from instructseg.cli import main
+
+    assert main(["model", "info", "tiny-m2f"]) == 0
+    out = capsys.readouterr().out
+    for row in ("vision", "perceiver", "llm lora", "fusion", "decoder", "all"):
+        assert f"\n{row}" in out
+    assert "random init" in out and "decoder mask2former" in out
+
+
+def test_hf_clip_vision_tower_loads_from_a_saved_directory(tmp_path):
+    """A transformers CLIP vision tower saved with save_pretrained loads through the code a real checkpoint takes."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from instructseg.config import VisionConfig
+    from instructseg.model.vision import VisionEncoder
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=8))
+    tower.save_pretrained(tmp_path / "clip")
+    encoder = VisionEncoder.from_config(VisionConfig(backend="hf", name=str(tmp_path / "clip")))
+    images = torch.rand(2, 3, 48, 40)
+    tokens = encoder(images)
+    assert tokens.shape == (2, 16, 32) and encoder.grid == (4, 4)
+    with torch.no_grad():
+        expected = tower(pixel_values=(torch.nn.functional.interpolate(
+            images, size=(32, 32), mode="bilinear", align_corners=False, antialias=True) - encoder.mean)
+            / encoder.std).last_hidden_state[:, 1:]
+        torch.testing.assert_close(encoder(images), expected)
+    with pytest.raises(InputError, match="cannot load"):
+        VisionEncoder.from_config(VisionConfig(backend="hf", name=str(tmp_path / "missing")))

@@ -164,3 +164,11 @@ def test_cli_train_bad_recipe_is_one_line(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "recipe not found" in err[0]
+
+
+def test_zero3_is_refused_with_a_clear_message(tmp_path, synth_root, capsys):
+    from instructseg.cli import main
+
+    recipe = _recipe(tmp_path, synth_root, deepspeed=str(REPO / "scripts/ds/zero3.json"))
+    assert main(["train", str(recipe)]) == 2
+    assert "ZeRO stage 3 is not supported yet" in capsys.readouterr().err

@@ -40,14 +40,14 @@ def run_chat(input_path: str, predictor, *, out_dir: Path, mode: str = "propagat
                 _visual_prompt(session, line)
                 print("added; /propagate to apply", file=stdout)
                 continue
-            turn += 1
-            target = out_dir / f"turn_{turn}"
+            if line.startswith("/") and line != "/propagate":
+                raise InputError(f"unknown command {line.split()[0]!r} (/help lists them)")
+            target = out_dir / f"turn_{turn + 1}"
             if line == "/propagate":
                 result = session.propagate(out_dir=target)
-            elif line.startswith("/"):
-                raise InputError(f"unknown command {line.split()[0]!r} (/help lists them)")
             else:
                 result = session.ask(line, mode=mode, out_dir=target)
+            turn += 1
             print(result.text, file=stdout)
             if result.objects:
                 print(f"[{len(result.objects)} object(s), masks in {target}]", file=stdout)

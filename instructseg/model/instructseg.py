@@ -70,7 +70,8 @@ class InstructSegModel(nn.Module):
         self.projector = _mlp(self.vision.width, hidden)
         self.perceiver = ObjectAwarePerceiver(vision_width=self.vision.width, text_width=hidden, out_dim=hidden,
                                               dim=p.dim, num_latents=p.num_latents, layers=p.layers, heads=p.heads)
-        self.mask_queries = nn.Parameter(torch.randn(num_queries, hidden) * 0.02)
+        # N learnable mask queries (mask2former); none for sam2 (a zero-size parameter breaks ZeRO-3)
+        self.mask_queries = nn.Parameter(torch.randn(num_queries, hidden) * 0.02) if num_queries else None
         self.object_proj = _mlp(hidden, dim)
         f = config.fusion
         self.fusion = TextFusion(text_width=hidden, dim=dim, layers=f.layers, heads=f.heads,
@@ -91,7 +92,7 @@ class InstructSegModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.mask_queries.device
+        return self.projector[0].weight.device
 
     # -- embedding the prompt -------------------------------------------------------------------------------
     def visual_tokens(self, frames: torch.Tensor) -> torch.Tensor:

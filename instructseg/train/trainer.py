@@ -76,7 +76,13 @@ def _schedule(warmup: int, total: int):
 
 
 def _deepspeed_config(recipe: Recipe, world: int, cuda: bool) -> dict:
-    config = json.loads(recipe.deepspeed_config_path().read_text())
+    path = recipe.deepspeed_config_path()
+    config = json.loads(path.read_text())
+    if config.get("zero_optimization", {}).get("stage") == 3:
+        # Known limitation: ZeRO-3 partitions parameters that our decoders use outside their modules' forward
+        # (SAM2's track_step, Mask2Former's score head) and backward then fails inside DeepSpeed.
+        raise InputError(f"{path}: ZeRO stage 3 is not supported yet with instructseg's decoders; "
+                         "use scripts/ds/zero2.json (or zero1.json)")
     config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
     config["gradient_accumulation_steps"] = recipe.train.grad_accum
     config["train_batch_size"] = recipe.train.batch_size * recipe.train.grad_accum * world
@@ -110,9 +116,10 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe.train.warmup_steps,
                                                                            recipe.train.steps))
+        ds_config = _deepspeed_config(recipe, self.world, self.cuda)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=params,
-            config=_deepspeed_config(recipe, self.world, self.cuda))
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=params, config=ds_config)
+
         self.step = 0
 
     def _data(self, model):
