@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("refcoco", "RefCOCO/+/g: cIoU and gIoU per split"), ("reasonseg", "ReasonSeg: gIoU, cIoU")):
         r = bench.add_parser(name, help=text)
         r.add_argument("--data-root", required=True)
-        r.add_argument("--split", default=None, help="dataset split (default: valid / val)")
+        r.add_argument("--split", default=None, help="dataset split (default: valid; mevis valid_u; refcoco and reasonseg val)")
         r.add_argument("--output", required=True)
         r.add_argument("--model", default=None, help="preset or saved model dir to run")
         r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--limit", type=int, default=None, help="only the first N expressions / sentences")
         if name == "revos":
             r.add_argument("--predictions", help="score PRED/<video>/<exp_id>/<frame>.png instead of running a model")
-            r.add_argument("--workers", type=int, default=1)
+            r.add_argument("--workers", type=int, default=1, help="scoring processes (with --predictions)")
             r.add_argument("--legacy-visa", action="store_true",
                            help="reproduce the public scorer's un-binarised R and A on 0/255 PNGs")
         if name == "refcoco":

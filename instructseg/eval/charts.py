@@ -56,6 +56,7 @@ def per_video_chart(path: Path, per_video: dict[str, float], overall: float | No
         ax.axvline(overall, color="black", linestyle="--", linewidth=1, label=f"overall J&F {overall:.1f}")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xlim(0, 108)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
     ax.set_xlabel("J&F (%), mean over the video's expressions")
     ax.set_ylabel("video")
     shown = f"{len(ranked)} videos" + (f", best and worst {max_bars // 2} shown" if hidden else "")
