@@ -83,6 +83,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.showwarning = lambda message, *args, **kwargs: print(f"instructseg: warning: {message}",
                                                                   file=sys.stderr)
+    for category in (FutureWarning, DeprecationWarning):  # the libraries' notices to their developers
+        warnings.filterwarnings("ignore", category=category)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
