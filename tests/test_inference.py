@@ -5,7 +5,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,8 +109,8 @@ def test_text_only_answers_have_no_masks(tmp_path, video_dir):
     torch.manual_seed(0)
     model = InstructSegModel(preset("tiny"))
     predictor = InstructSegPredictor(model)
-    result = predictor.segment(video_dir, "how many shapes are there?", out_dir=tmp_path / "o")
-    if "[SEG]" not in predictor.last_raw_text:  # a random LLM almost never says [SEG]
+    result, answer = predictor.run(video_dir, "how many shapes are there?", out_dir=tmp_path / "o")
+    if "[SEG]" not in answer.raw_text:  # a random LLM almost never says [SEG]
         assert result.objects == []
         assert json.loads((tmp_path / "o" / "result.json").read_text())["objects"] == []
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from instructseg.inference.io import FrameSource, open_source
 from instructseg.inference.results import Masklet, ResultWriter, SegmentationResult, encode_mask
 from instructseg.model.outputs import ModelInputs
 from instructseg.model.tokens import pad_prompts
+
+if TYPE_CHECKING:
+    from instructseg.inference.session import ChatSession
 
 MODES = ("propagate", "per-frame")
 DEFAULT_KEY_FRAMES = 3
@@ -57,7 +60,7 @@ class Answer:
     raw_text: str
     num_objects: int
     key_prompts: dict[int, Prompts]
-    llm_calls: int
+    llm_calls: int  # LLM passes so far (generation + teacher-forced); per-frame decoding adds to it
 
 
 class InstructSegPredictor:
@@ -88,23 +91,42 @@ class InstructSegPredictor:
                 progress: Callable[[int, int], None] | None = None) -> SegmentationResult:
         """Answer `instruction` about `source` (path or FrameSource) and return text + masklets; with `out_dir`,
         also write result.json, masks/<id>/<frame>.png and the overlay there."""
+        return self.run(source, instruction, mode=mode, key_frames=key_frames, out_dir=out_dir, history=history,
+                        refinements=refinements, progress=progress)[0]
+
+    def run(self, source, instruction: str, *, mode: str = "propagate", key_frames: int | None = None,
+            out_dir: str | Path | None = None, history: list[tuple[str, str]] = (),
+            refinements: dict[int, Refinement] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> tuple[SegmentationResult, Answer]:
+        """`segment`, also returning the `Answer` (the raw answer with [SEG] tokens, for chat history). All state
+        of a call lives in the call: one predictor may serve several callers (one model call at a time)."""
         frames = source if isinstance(source, FrameSource) else open_source(source)
         start = time.perf_counter()
         answer = self.answer(frames, instruction, mode=mode, key_frames=key_frames, history=history,
                              refinements=refinements)
-        self.last_raw_text = answer.raw_text
-        result, writer = self._collect(frames, instruction, mode, answer, out_dir)
+        result = SegmentationResult(instruction=instruction, text=answer.text, mode=mode, frames=list(frames.names),
+                                    height=frames.height, width=frames.width, timing={},
+                                    objects=[Masklet(id=i + 1, score=0.0, masks_rle=[None] * len(frames))
+                                             for i in range(answer.num_objects)])
+        writer = ResultWriter(Path(out_dir), frames, answer.num_objects) if out_dir is not None else None
+        scores: dict[int, list[float]] = {}
         for done, frame in enumerate(self.frames(frames, answer, mode=mode, instruction=instruction,
                                                  history=history), 1):
-            self._record(result, writer, frame)
+            for obj, mask, score in zip(result.objects, frame.masks, frame.scores):
+                obj.masks_rle[frame.index] = encode_mask(mask)
+                if frame.index in answer.key_prompts or mode == "per-frame":  # scores where the LLM looked
+                    scores.setdefault(obj.id, []).append(float(score))
+                    obj.score = float(np.mean(scores[obj.id]))
+            if writer is not None:
+                writer.add(frame.index, frame.masks)
             if progress is not None:
                 progress(done, len(frames))
         total = time.perf_counter() - start
-        result.timing.update(total_s=round(total, 4), frames=len(frames), llm_calls=self.llm_calls,
+        result.timing.update(total_s=round(total, 4), frames=len(frames), llm_calls=answer.llm_calls,
                              key_frames=len(answer.key_prompts), frames_per_s=round(len(frames) / total, 3))
         if writer is not None:
             writer.finish(result)
-        return result
+        return result, answer
 
     # -- the LLM side -----------------------------------------------------------------------------------------
     def answer(self, frames: FrameSource, instruction: str, *, mode: str = "propagate", key_frames: int | None = None,
@@ -113,7 +135,7 @@ class InstructSegPredictor:
         if key_frames is not None and key_frames < 1:
             raise InputError(f"--key-frames {key_frames}: must be at least 1")
         keys = uniform_key_frames(len(frames), key_frames or DEFAULT_KEY_FRAMES) if frames.is_video else [0]
-        self.llm_calls = 1
+        llm_calls = 1
         first = self._inputs(frames, keys[0], instruction, None, history)
         with torch.inference_mode():
             gen = self.model.generate(first)
@@ -122,11 +144,11 @@ class InstructSegPredictor:
                 for t in keys[1:]:
                     inputs = self._inputs(frames, t, instruction, gen.raw_text, history)
                     prompts[t] = self.model.condition(inputs, self.model.decoder.encode(inputs.frames))
-                    self.llm_calls += 1
+                    llm_calls += 1
         for t, refinement in (refinements or {}).items():
             prompts[t] = self._refine(frames, prompts, t, refinement, gen.num_objects)
         return Answer(text=gen.text, raw_text=gen.raw_text, num_objects=gen.num_objects, key_prompts=prompts,
-                      llm_calls=self.llm_calls)
+                      llm_calls=llm_calls)
 
     def _inputs(self, frames: FrameSource, t: int, instruction: str, answer: str | None,
                 history: list[tuple[str, str]]) -> ModelInputs:
@@ -176,7 +198,7 @@ class InstructSegPredictor:
             inputs = self._inputs(frames, t, instruction, answer.raw_text, history)
             features = self.model.decoder.encode(inputs.frames)
             prompts = self.model.condition(inputs, features)
-            self.llm_calls += 1
+            answer.llm_calls += 1
             yield t, self.model.decoder.decode(features, prompts)
 
     def _frame_result(self, frames: FrameSource, t: int, out: DecoderOutput) -> FrameResult:
@@ -207,26 +229,6 @@ class InstructSegPredictor:
             extra.update(point_coords=coords.to(self.device), point_labels=labels.to(self.device))
         return Prompts(object_embeds=base.object_embeds, object_valid=base.object_valid, text_embed=base.text_embed,
                        **extra)
-
-    # -- results --------------------------------------------------------------------------------------------
-    def _collect(self, frames: FrameSource, instruction: str, mode: str, answer: Answer, out_dir):
-        objects = [Masklet(id=i + 1, score=0.0, masks_rle=[None] * len(frames)) for i in range(answer.num_objects)]
-        result = SegmentationResult(instruction=instruction, text=answer.text, mode=mode, frames=list(frames.names),
-                                    height=frames.height, width=frames.width, objects=objects, timing={})
-        writer = ResultWriter(Path(out_dir), frames, answer.num_objects) if out_dir is not None else None
-        self._key_scores: dict[int, list[float]] = {}
-        self._keys = set(answer.key_prompts)
-        return result, writer
-
-    def _record(self, result: SegmentationResult, writer: ResultWriter | None, frame: FrameResult) -> None:
-        for obj, mask, score in zip(result.objects, frame.masks, frame.scores):
-            obj.masks_rle[frame.index] = encode_mask(mask)
-            if frame.index in self._keys or result.mode == "per-frame":
-                self._key_scores.setdefault(obj.id, []).append(float(score))
-                obj.score = float(np.mean(self._key_scores[obj.id]))
-        if writer is not None:
-            writer.add(frame.index, frame.masks)
-
 
 class _Forward:
     """A stand-in rng for `track_frames` that always picks forwards (inference is deterministic)."""

@@ -26,10 +26,11 @@ class ChatSession:
         self._refinements: dict[int, Refinement] = {}
 
     def ask(self, text: str, *, mode: str = "propagate", key_frames: int | None = None,
-            out_dir: str | Path | None = None) -> SegmentationResult:
-        result = self.predictor.segment(self.source, text, mode=mode, key_frames=key_frames, out_dir=out_dir,
-                                        history=list(self.history))
-        self.history.append((text.strip(), self.predictor.last_raw_text))
+            out_dir: str | Path | None = None, progress=None) -> SegmentationResult:
+        """`progress(done, total)` is called as frames finish."""
+        result, answer = self.predictor.run(self.source, text, mode=mode, key_frames=key_frames, out_dir=out_dir,
+                                            history=list(self.history), progress=progress)
+        self.history.append((text.strip(), answer.raw_text))
         self.last, self._question, self._refinements = result, (text.strip(), mode, key_frames), {}
         return result
 
@@ -62,13 +63,17 @@ class ChatSession:
             raise InputError(f"object {obj_id}: the last answer has objects 1..{len(self.last.objects)}")
         return self._refinements.setdefault(frame, Refinement())
 
-    def propagate(self, *, out_dir: str | Path | None = None) -> SegmentationResult:
+    def clear_refinements(self) -> None:
+        """Forget the clicks, boxes and masks added since the last answer."""
+        self._refinements = {}
+
+    def propagate(self, *, out_dir: str | Path | None = None, progress=None) -> SegmentationResult:
         """Recompute the last answer's masklets with every refinement added so far."""
         if self._question is None:
             raise InputError("nothing to propagate: ask a question first")
         instruction, mode, key_frames = self._question
         result = self.predictor.segment(self.source, instruction, mode="propagate" if mode == "per-frame" else mode,
                                         key_frames=key_frames, out_dir=out_dir, history=list(self.history[:-1]),
-                                        refinements=dict(self._refinements))
+                                        refinements=dict(self._refinements), progress=progress)
         self.last = result
         return result
