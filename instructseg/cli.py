@@ -39,6 +39,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return run_benchmark(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from instructseg.bench import run_bench
+
+    return run_bench(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from instructseg.app import launch
@@ -182,6 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
             r.add_argument("--splits", default=None, help="comma-separated splits (default: val,testA,testB; "
                                                           "refcocog: val,test)")
         r.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("bench", help="performance benchmarks (speed, memory, training throughput)")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    b = bsub.add_parser("infer", help="propagate vs per-frame vs raw SAM2 propagation on one generated video")
+    b.add_argument("--model", default="default")
+    b.add_argument("--frames", type=int, default=64)
+    b.add_argument("--size", type=int, default=256, help="frame side in pixels")
+    b.add_argument("--json", help="write the numbers here")
+    b = bsub.add_parser("memory", help="peak RSS of `segment` per video length, each in a fresh process")
+    b.add_argument("--model", default="default")
+    b.add_argument("--frames", default="32,512", help="comma-separated lengths")
+    b.add_argument("--json")
+    b = bsub.add_parser("train", help="training steps/s of the tiny recipe: one process vs two-process ZeRO-2")
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--json")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="web demo: chat with a video or image in the browser")
     _model_args(p)

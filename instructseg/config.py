@@ -193,10 +193,34 @@ def _smol() -> ModelConfig:
     )
 
 
+# The architecture of the shipped `default` model (scripts/recipes/default.yaml applies these to `smol`).
+DEFAULT_ARCH_OVERRIDES = [
+    "vision.image_size=128", "vision.patch_size=16", "vision.width=192", "vision.layers=4", "vision.heads=3",
+    "perceiver.num_latents=2", "perceiver.num_ref_frames=4", "perceiver.layers=1", "perceiver.dim=128",
+    "llm.lora_r=16", "llm.lora_alpha=32", "llm.max_new_tokens=24", "fusion.layers=2",
+    "decoder.sam2_config=tiny", "decoder.sam2_hidden_dim=64", "decoder.image_size=256", "visual_grid=4",
+]
+
+# A randomly initialised LLM of about 1.5B parameters shaped like Qwen2-1.5B, to show how the video modes scale
+# when the LLM is the size people deploy.
+_QWEN2_1_5B = {
+    "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+    "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+}
+
+
+def _bench_1_5b() -> ModelConfig:
+    config = _smol().override(DEFAULT_ARCH_OVERRIDES)
+    config.llm.random_init = True
+    config.llm.arch = dict(_QWEN2_1_5B)
+    return config
+
+
 PRESETS = {
     "tiny": lambda: _tiny("sam2"),
     "tiny-m2f": lambda: _tiny("mask2former"),
     "smol": _smol,
+    "bench-1.5b": _bench_1_5b,
 }
 
 

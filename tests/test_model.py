@@ -275,3 +275,15 @@ def test_hf_clip_vision_tower_loads_from_a_saved_directory(tmp_path):
         torch.testing.assert_close(encoder(images), expected)
     with pytest.raises(InputError, match="cannot load"):
         VisionEncoder.from_config(VisionConfig(backend="hf", name=str(tmp_path / "missing")))
+
+
+def test_default_recipe_uses_the_default_architecture():
+    """scripts/recipes/default.yaml and config.DEFAULT_ARCH_OVERRIDES describe the same model (bench-1.5b uses it)."""
+    from pathlib import Path
+
+    import yaml
+
+    from instructseg.config import DEFAULT_ARCH_OVERRIDES
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "scripts/recipes/default.yaml").read_text())
+    assert recipe["model"] == "smol" and recipe["model_overrides"] == DEFAULT_ARCH_OVERRIDES

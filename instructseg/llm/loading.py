@@ -108,10 +108,14 @@ def load_causal_lm(cfg: LLMConfig, vocab_size: int, base: Path | None = None):
     path, gguf = resolve_source(cfg, base)
     dtype = _DTYPES[cfg.dtype]
     try:
-        if cfg.random_init:
+        if cfg.random_init and "model_type" in cfg.arch:  # another architecture, e.g. Qwen2-shaped
+            arch = dict(cfg.arch)
+            config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        elif cfg.random_init:
             config = AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
             for key, value in cfg.arch.items():
                 setattr(config, key, value)
+        if cfg.random_init:
             config.vocab_size = vocab_size
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         else:
