@@ -10,13 +10,10 @@ under "missing" (and warned about); a PNG that cannot be read or has the wrong s
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import logging
-import os
-import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from instructseg.atomic import write_text
 from instructseg.errors import InputError
 from instructseg.eval.metrics import accuracy, boundary_f, jaccard, robustness
 
@@ -291,18 +289,6 @@ def _score_all(job: _Job, indices: list[int], workers: int) -> list[ExpressionSc
 # ----------------------------------------------------------------------------------------- writing
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _per_expression_csv(scores: list[ExpressionScore], legacy_visa: bool) -> str:
     decimals = LEGACY_EXPRESSION_DECIMALS if legacy_visa else RESULT_DECIMALS
     buffer = io.StringIO()
@@ -347,6 +333,6 @@ def score_revos(data_root: Path, split: str, predictions: Path, output: Path, *,
         output.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise InputError(f"--output {output}: exists and is not a directory") from None
-    _atomic_write_text(output / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
-    _atomic_write_text(output / "per_expression.csv", _per_expression_csv(scores, legacy_visa))
+    write_text(output / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_text(output / "per_expression.csv", _per_expression_csv(scores, legacy_visa))
     return results

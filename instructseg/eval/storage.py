@@ -23,6 +23,9 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
+from instructseg.atomic import write_bytes as atomic_write_bytes
+from instructseg.atomic import write_json
+from instructseg.atomic import write_text as atomic_write_text
 from instructseg.errors import InputError
 
 __all__ = ["atomic_write_text", "atomic_write_bytes", "write_json", "RecordStore", "record_name",
@@ -33,32 +36,6 @@ __all__ = ["atomic_write_text", "atomic_write_bytes", "write_json", "RecordStore
 DAVIS_PALETTE = [0, 0, 0, 128, 0, 0] + [0, 0, 0] * 254
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: the same predictions give the same zip bytes
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder and `os.replace` (never a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: Path, data) -> None:
-    """Indented JSON, no NaN (a NaN in results is a bug, not a number)."""
-    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
-
-
-# ------------------------------------------------------------------------------------------------ records
 
 
 def record_name(key: str) -> str:

@@ -7,11 +7,10 @@ anything else is a partial save and is removed.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from instructseg.atomic import write_json
 
 MARKER = "COMPLETE"
 PREFIX = "step"
@@ -21,18 +20,8 @@ def tag_for(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def mark_complete(root: Path, step: int, info: dict) -> None:
-    write_json_atomic(root / tag_for(step) / MARKER, {"step": step, **info})
+    write_json(root / tag_for(step) / MARKER, {"step": step, **info})
 
 
 def complete_steps(root: Path) -> list[int]:

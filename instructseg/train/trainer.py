@@ -226,7 +226,7 @@ class Trainer:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
             if self.rank == 0:
                 self.model.float().save_pretrained(final, merge_lora=self.recipe.train.merge_lora)
-                ckpt.write_json_atomic(final / "trainer_state.json", {"step": self.step, "world_size": self.world})
+                ckpt.write_json(final / "trainer_state.json", {"step": self.step, "world_size": self.world})
         dist.barrier()
         return final
 
