@@ -38,7 +38,13 @@ def run_bench(args: argparse.Namespace) -> int:
             raise InputError(f"--frames {args.frames}: need at least 2 frames")
         if args.size < 16:
             raise InputError(f"--size {args.size}: need at least 16 pixels")
-        data = bench_infer(args.model, frames=args.frames, size=args.size, log=_log)
+        device = getattr(args, "device", "cpu")  # the CLI has no --device for bench yet
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise InputError("--device cuda: no CUDA device is available here (use --device cpu)")
+        data = bench_infer(args.model, frames=args.frames, size=args.size, device=device, log=_log)
         print_infer(data)
     elif args.bench_command == "memory":
         from instructseg.bench.memory import bench_memory, parse_lengths, print_memory

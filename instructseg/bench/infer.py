@@ -6,6 +6,11 @@ Timing is wall clock on a warm model: the model loads once, then every mode runs
 the same size before the timed runs; torch's thread count is left as it is. Each timed span starts from the frames
 on disk (the predictor opens the frame folder, SAM2's `init_state` loads it) and ends with boolean masks for every
 frame at the source resolution.
+
+A randomly initialised LLM (the `tiny` and `bench-1.5b` presets) never says [SEG], so nothing would be decoded or
+propagated. For such a model the answer is forced to "[SEG]" through the real generation path (greedy decoding with
+a logits processor that allows only [SEG], then end-of-sequence): the same LLM passes as a real one-object answer.
+The output says so (`answer_forced`).
 """
 from __future__ import annotations
 
@@ -31,6 +36,52 @@ def jf(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- our modes
+class ForceTokens:
+    """A transformers logits processor that makes greedy decoding produce `token_ids` in order, then anything."""
+
+    def __init__(self, token_ids: list[int]):
+        self.token_ids = list(token_ids)
+        self.start: int | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None or input_ids.shape[1] < self.start:  # a new generate call
+            self.start = input_ids.shape[1]
+        step = input_ids.shape[1] - self.start
+        if step >= len(self.token_ids):
+            return scores
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.token_ids[step]] = 0
+        return forced
+
+
+class ForcedAnswerModel:
+    """The model as the predictor sees it, with `generate` always answering "[SEG]" (see the module docstring).
+    Everything else is the wrapped model's."""
+
+    def __init__(self, model):
+        from instructseg.model.tokens import SEG
+
+        self._model = model
+        self._force = [model.token_ids[SEG], model.tokenizer.eos_token_id]
+
+    def generate(self, inputs, **kwargs):
+        from transformers import LogitsProcessorList
+
+        return self._model.generate(inputs, logits_processor=LogitsProcessorList([ForceTokens(self._force)]),
+                                    **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def to(self, *args, **kwargs):
+        self._model.to(*args, **kwargs)
+        return self
+
+    def eval(self):
+        self._model.eval()
+        return self
+
+
 def run_mode(predictor, video: BenchVideo, mode: str) -> tuple[float, int, np.ndarray, int]:
     """(seconds, LLM calls, union of the predicted objects' masks (T, H, W) bool, objects found)."""
     start = time.perf_counter()
@@ -96,6 +147,9 @@ def bench_infer(model_name: str, *, frames: int, size: int, seed: int = 0, devic
     load_start = time.perf_counter()
     model = load_model(model_name, device=device)
     predictor = InstructSegPredictor(model, device=device)
+    forced = bool(model.config.llm.random_init)
+    if forced:
+        predictor.model = ForcedAnswerModel(model)
     sam2 = build_sam2_video_predictor(model)
     log(f"loaded {model_name} in {time.perf_counter() - load_start:.1f} s; torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory(prefix="instructseg-bench-") as tmp:
@@ -122,6 +176,7 @@ def bench_infer(model_name: str, *, frames: int, size: int, seed: int = 0, devic
         "jf_per_frame": round(jf(pf_masks, video.gt), 2),
         "jf_sam2_raw": round(jf(sam_masks, video.gt), 2),
         "objects_found": objects,
+        "answer_forced": forced,
         "model": str(model_name),
         "frames": frames,
         "size": size,
@@ -135,6 +190,8 @@ def bench_infer(model_name: str, *, frames: int, size: int, seed: int = 0, devic
 def print_infer(r: dict) -> None:
     print(f"bench infer: model {r['model']}, {r['frames']} frames at {r['size']} px (decoder {r['decoder_size']} px), "
           f"\"{r['instruction']}\", {r['objects_found']} object(s) found, {r['torch_threads']} torch thread(s)")
+    if r["answer_forced"]:
+        print("random LLM: its answer was forced to \"[SEG]\" through the real generation path")
     rows = (("propagate", r["propagate_s"], r["llm_calls_propagate"], r["jf_propagate"]),
             ("per-frame", r["per_frame_s"], r["llm_calls_per_frame"], r["jf_per_frame"]),
             ("sam2 raw (GT mask on frame 0)", r["sam2_raw_s"], 0, r["jf_sam2_raw"]))
