@@ -95,17 +95,6 @@ def run_mode(predictor, video: BenchVideo, mode: str) -> tuple[float, int, np.nd
 
 
 # ---------------------------------------------------------------------------------------------- raw SAM2
-def sam2_hydra_config(decoder_config) -> tuple[str, list[str]]:
-    """(sam2 config name, hydra overrides) that build the decoder's SAM2 without its class target.
-    Mirrors `decoders.sam2_prompting.build_text_prompt_sam2`."""
-    from instructseg.decoders.sam2_prompting import TINY_BASE, _tiny_overrides
-
-    overrides = [f"++model.image_size={decoder_config.image_size}"]
-    if decoder_config.sam2_config == "tiny":
-        return TINY_BASE, overrides + _tiny_overrides(decoder_config.sam2_hidden_dim)
-    return decoder_config.sam2_config, overrides
-
-
 def build_sam2_video_predictor(model):
     """The official SAM2VideoPredictor with the model's SAM2 config and weights (strict load), in eval mode.
     No post-processing extras (hole filling needs sam2's CUDA extension): the plain config, as our decoder runs it."""
@@ -115,7 +104,10 @@ def build_sam2_video_predictor(model):
 
     if model.config.decoder.kind != "sam2":
         raise ValueError(f"decoder.kind={model.config.decoder.kind!r}: raw SAM2 needs a sam2 decoder")
-    name, overrides = sam2_hydra_config(model.config.decoder)
+    from instructseg.decoders.sam2_prompting import hydra_config
+
+    d = model.config.decoder
+    name, overrides = hydra_config(config=d.sam2_config, image_size=d.image_size, hidden_dim=d.sam2_hidden_dim)
     cfg = compose(config_name=name, overrides=[f"++model._target_={SAM2_VIDEO_TARGET}", *overrides])
     predictor = instantiate(cfg.model, _recursive_=True)
     predictor.load_state_dict(model.decoder.sam.state_dict(), strict=True)

@@ -115,6 +115,15 @@ def _tiny_overrides(hidden: int) -> list[str]:
 TINY_BASE = "configs/sam2.1/sam2.1_hiera_t.yaml"
 
 
+def hydra_config(*, config: str, image_size: int, hidden_dim: int) -> tuple[str, list[str]]:
+    """(sam2 config name, hydra overrides) of a decoder's SAM2, without the class target: our decoder adds
+    `TextPromptSAM2`, the raw-SAM2 benchmark the official `SAM2VideoPredictor`."""
+    overrides = [f"++model.image_size={image_size}"]
+    if config == "tiny":
+        return TINY_BASE, overrides + _tiny_overrides(hidden_dim)
+    return config, overrides
+
+
 def build_text_prompt_sam2(*, config: str, image_size: int, hidden_dim: int,
                            checkpoint: str | None) -> TextPromptSAM2:
     """Build through sam2's hydra configs with our class as the target; load an official checkpoint if given."""
@@ -124,12 +133,9 @@ def build_text_prompt_sam2(*, config: str, image_size: int, hidden_dim: int,
 
     if image_size % 32:
         raise InputError(f"decoder.image_size={image_size}: SAM2 needs a multiple of 32")
-    overrides = [f"++model._target_={TARGET}", f"++model.image_size={image_size}"]
-    name = TINY_BASE if config == "tiny" else config
-    if config == "tiny":
-        overrides += _tiny_overrides(hidden_dim)
+    name, overrides = hydra_config(config=config, image_size=image_size, hidden_dim=hidden_dim)
     try:
-        cfg = compose(config_name=name, overrides=overrides)
+        cfg = compose(config_name=name, overrides=[f"++model._target_={TARGET}", *overrides])
     except Exception as err:  # hydra raises several types for an unknown config name
         raise InputError(f"decoder.sam2_config={config!r}: not a sam2 config ({type(err).__name__})") from None
     model = instantiate(cfg.model, _recursive_=True)

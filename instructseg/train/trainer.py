@@ -208,7 +208,8 @@ class Trainer:
                 for key, value in parts.items():
                     writer.add_scalar(f"train/{key}", value, self.step)
                 writer.add_scalar("train/lr", lr, self.step)
-                _append_log(self.out / "log.jsonl", {"step": self.step, "lr": lr, **parts})
+                _append_log(self.out / "log.jsonl", {"step": self.step, "time": round(time.time(), 3), "lr": lr,
+                                                     **parts})
             if self.step % self.recipe.train.save_every == 0 or self.step == total:
                 self.save()
         bar.close()
