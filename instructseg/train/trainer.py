@@ -79,8 +79,8 @@ def _deepspeed_config(recipe: Recipe, world: int, cuda: bool) -> dict:
     path = recipe.deepspeed_config_path()
     config = json.loads(path.read_text())
     if config.get("zero_optimization", {}).get("stage") == 3:
-        # Known limitation: ZeRO-3 partitions parameters that our decoders use outside their modules' forward
-        # (SAM2's track_step, Mask2Former's score head) and backward then fails inside DeepSpeed.
+        # Known limitation: stage-3 backward fails inside DeepSpeed with both decoders, even with nothing
+        # partitioned and without clip tracking (cause not found yet; see the issue notes).
         raise InputError(f"{path}: ZeRO stage 3 is not supported yet with instructseg's decoders; "
                          "use scripts/ds/zero2.json (or zero1.json)")
     config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
