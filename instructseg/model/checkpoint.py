@@ -27,15 +27,12 @@ from instructseg.errors import InputError
 WEIGHTS = "model.safetensors"
 
 
-def _own_state(model) -> dict[str, torch.Tensor]:
-    """Everything but the LLM, and without a frozen pretrained vision tower (that is referenced)."""
+def _own_tensors(model) -> dict[str, torch.Tensor]:
+    """What model.safetensors holds: everything but the LLM, and without a frozen pretrained vision tower (that
+    is referenced). The live tensors, not copies."""
     skip_vision = model.config.vision.pretrained is not None and model.config.vision.freeze
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("llm.") or (skip_vision and key.startswith("vision.")):
-            continue
-        state[key] = value.detach().contiguous().cpu()
-    return state
+    return {key: value for key, value in model.state_dict().items()
+            if not key.startswith("llm.") and not (skip_vision and key.startswith("vision."))}
 
 
 def save_model(model, directory: Path, *, merge_lora: bool = False) -> None:
@@ -44,7 +41,7 @@ def save_model(model, directory: Path, *, merge_lora: bool = False) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     config = copy.deepcopy(model.config)
-    save_file(_own_state(model), str(tmp / WEIGHTS))
+    save_file({k: v.detach().contiguous().cpu() for k, v in _own_tensors(model).items()}, str(tmp / WEIGHTS))
     model.tokenizer.save_pretrained(tmp / "tokenizer")
     llm = model.llm
     has_lora = config.llm.use_lora
@@ -91,11 +88,10 @@ def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", s
         model = InstructSegModel(config, base_dir=path, load_pretrained=False)
     except (RuntimeError, ValueError) as err:
         raise InputError(f"{path}: cannot build the model its config.json describes ({err})") from None
-    _load_own_state(model, path / WEIGHTS)
+    saved = _load_own_state(model, path / WEIGHTS)
     trained = f"trained ({path / WEIGHTS})"
     for part in model.weight_sources:
-        if part not in ("llm", "lora") and not (part == "vision" and not any(
-                k.startswith("vision.") for k in _own_state(model))):
+        if part not in ("llm", "lora") and not (part == "vision" and not any(k.startswith("vision.") for k in saved)):
             model.weight_sources[part] = trained
     if config.llm.source == "llm":
         model.weight_sources["llm"] = f"saved with the model ({path / 'llm'})"
@@ -105,23 +101,24 @@ def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", s
     return model.to(device)
 
 
-def _load_own_state(model, file: Path) -> None:
+def _load_own_state(model, file: Path) -> set[str]:
+    """Load model.safetensors (every key must match the config's modules in name and shape); returns its keys."""
     if not file.is_file():
         raise InputError(f"{file}: weights file not found")
     try:
         state = load_file(str(file))
     except Exception as err:  # safetensors raises its own error type for a truncated or foreign file
         raise InputError(f"{file}: not a readable safetensors file ({err})") from None
-    expected = set(_own_state(model))
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    expected = _own_tensors(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise InputError(f"{file}: does not match config.json (missing keys: {missing[:4]}{'...' if len(missing) > 4 else ''}; "
                          f"unexpected keys: {unexpected[:4]}{'...' if len(unexpected) > 4 else ''})")
     for key, value in state.items():
-        target = model.get_parameter(key) if key in dict(model.named_parameters()) else model.get_buffer(key)
-        if target.shape != value.shape:
-            raise InputError(f"{file}: {key} has shape {tuple(value.shape)}, the config builds {tuple(target.shape)}")
+        if expected[key].shape != value.shape:
+            raise InputError(f"{file}: {key} has shape {tuple(value.shape)}, the config builds {tuple(expected[key].shape)}")
     model.load_state_dict(state, strict=False)
+    return set(state)
 
 
 def _load_adapter(model, adapter_dir: Path) -> None:
