@@ -10,11 +10,10 @@ prediction files are complete, so a run killed at any moment leaves either a fin
 """
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from hashlib import sha1
 from pathlib import Path
@@ -122,20 +121,13 @@ def write_mask_file(path: Path, mask: np.ndarray) -> None:
 def write_zip(path: Path, root: Path, members: list[Path]) -> None:
     """A zip of `members` (files under `root`, stored under their path relative to `root`) with fixed timestamps
     and the given order, so the same files always give the same bytes. Written atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-            for member in members:
-                info = zipfile.ZipInfo(Path(member).relative_to(root).as_posix(), date_time=_ZIP_TIME)
-                info.external_attr = 0o644 << 16
-                archive.writestr(info, Path(member).read_bytes())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for member in members:
+            info = zipfile.ZipInfo(Path(member).relative_to(root).as_posix(), date_time=_ZIP_TIME)
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, Path(member).read_bytes())
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------------ configuration
