@@ -71,6 +71,13 @@ def as_int(value: Any, path: Path, where: str) -> int:
         raise InputError(f"{path}: {where} must be an integer, got {value!r}") from None
 
 
+def expression_ids(exp: Any, path: Path, at: str) -> tuple[list[str], list[int]]:
+    """(anno_ids as str, obj_ids as int) of one expression entry (ReVOS / MeViS meta_expressions)."""
+    anno_ids = [str(a) for a in id_list(require(exp, "anno_id", path, at), path, f"{at}/anno_id")]
+    obj_ids = [as_int(o, path, f"{at}/obj_id") for o in id_list(require(exp, "obj_id", path, at), path, f"{at}/obj_id")]
+    return anno_ids, obj_ids
+
+
 def require_list(value: Any, path: Path, where: str) -> list:
     if not isinstance(value, list):
         raise InputError(f"{path}: expected a list for {where}, got {type(value).__name__}")

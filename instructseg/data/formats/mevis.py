@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from instructseg.data.formats.common import LazyJson, as_int, id_list, image_size, load_json, mask_dict_masks, \
-    require
+from instructseg.data.formats.common import (LazyJson, expression_ids, image_size, load_json, mask_dict_masks,
+                                             require)
 from instructseg.data.types import VideoExpression
 from instructseg.errors import InputError
 
@@ -43,9 +43,7 @@ def read_mevis(root: Path, split: str) -> list[VideoExpression]:
         height, width = image_size(frame_paths[0])
         for exp_id, exp in require(info, "expressions", meta_path, where, dict).items():
             at = f"{where}/expressions/{exp_id}"
-            anno_ids = [str(a) for a in id_list(require(exp, "anno_id", meta_path, at), meta_path, f"{at}/anno_id")]
-            obj_ids = [as_int(o, meta_path, f"{at}/obj_id")
-                       for o in id_list(require(exp, "obj_id", meta_path, at), meta_path, f"{at}/obj_id")]
+            anno_ids, obj_ids = expression_ids(exp, meta_path, at)
             samples.append(VideoExpression(
                 dataset="mevis", video=vid, exp_id=str(exp_id), text=require(exp, "exp", meta_path, at, str),
                 type_id=0, frames=frames, frame_paths=frame_paths, height=height, width=width, obj_ids=obj_ids,

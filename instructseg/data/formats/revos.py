@@ -16,8 +16,8 @@ from functools import partial
 from pathlib import Path
 import numpy as np
 
-from instructseg.data.formats.common import LazyJson, as_int, id_list, load_json, mask_dict_masks, require, \
-    require_file, rle_frames
+from instructseg.data.formats.common import (LazyJson, as_int, expression_ids, load_json, mask_dict_masks, require,
+                                             require_file, rle_frames)
 from instructseg.data.types import VideoExpression
 
 
@@ -49,9 +49,7 @@ def read_revos(root: Path, split: str) -> list[VideoExpression]:
         fg_loader = partial(_foreground, foreground, vid, len(frames), height, width) if foreground else None
         for exp_id, exp in require(info, "expressions", meta_path, where, dict).items():
             at = f"{where}/expressions/{exp_id}"
-            anno_ids = [str(a) for a in id_list(require(exp, "anno_id", meta_path, at), meta_path, f"{at}/anno_id")]
-            obj_ids = [as_int(o, meta_path, f"{at}/obj_id")
-                       for o in id_list(require(exp, "obj_id", meta_path, at), meta_path, f"{at}/obj_id")]
+            anno_ids, obj_ids = expression_ids(exp, meta_path, at)
             samples.append(VideoExpression(
                 dataset="revos", video=vid, exp_id=str(exp_id),
                 text=require(exp, "exp", meta_path, at, str),
