@@ -152,12 +152,11 @@ class InstructSegPredictor:
 
     def _inputs(self, frames: FrameSource, t: int, instruction: str, answer: str | None,
                 history: list[tuple[str, str]]) -> ModelInputs:
-        layout = self.model.layout
-        if not layout.instruction_fits(instruction, history):
+        prompt = self.model.layout.encode(instruction, answer, history)
+        if prompt.trimmed:
             import warnings
 
             warnings.warn("the instruction is longer than the model's context: it was trimmed", stacklevel=3)
-        prompt = layout.encode(instruction, answer, history)
         batch = pad_prompts([prompt], self.model.tokenizer.pad_token_id)
         batch.pop("labels")
         refs = None

@@ -38,12 +38,14 @@ class EncodedPrompt:
     """One prompt as token ids. Spans are [start, end) positions in `input_ids`.
 
     input_ids: (L,) long. labels: (L,) long, IGNORE_INDEX outside the answer. instruction: span of the user text.
+    trimmed: the instruction was longer than the context allows and lost its end.
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     instruction: tuple[int, int]
     answer_start: int
+    trimmed: bool = False
 
 
 class PromptLayout:
@@ -75,16 +77,14 @@ class PromptLayout:
         if room < 2:
             raise ValueError(f"prompt layout needs {len(prefix) + len(suffix) + len(answer_ids) + 2} tokens, "
                              f"more than max_length={self.max_length}")
+        trimmed = len(text) > room
         text = text[:room]
         ids = prefix + text + suffix + answer_ids
         labels = [IGNORE_INDEX] * (len(ids) - len(answer_ids)) + answer_ids
         start = len(prefix)
         return EncodedPrompt(input_ids=torch.tensor(ids), labels=torch.tensor(labels),
-                             instruction=(start, start + len(text)), answer_start=len(ids) - len(answer_ids))
-
-    def instruction_fits(self, instruction: str, history: list[tuple[str, str]] = ()) -> bool:
-        enc = self.encode(instruction, None, history)
-        return enc.instruction[1] - enc.instruction[0] == len(self._tok("\n" + instruction.strip()))
+                             instruction=(start, start + len(text)), answer_start=len(ids) - len(answer_ids),
+                             trimmed=trimmed)
 
 
 def pad_prompts(prompts: list[EncodedPrompt], pad_id: int) -> dict[str, torch.Tensor]:
