@@ -175,7 +175,7 @@ def test_gradients_reach_every_output_and_total_is_weighted_sum(matching):
     torch.manual_seed(0)
     valid = torch.tensor([[True, True, False], [True, False, False]])
     out = make_outputs(torch.randn(2, 3, S, S), valid=valid)
-    weights = LossWeights(lm=0.5, score=2.0, mask=3.0, dice=4.0)
+    weights = LossWeights(lm=0.5, score=2.0, mask=3.0, dice=4.0, align=0.0)
     result = SegmentationLoss(weights, matching=matching)(out, make_labels(2), [boxes(2, seed=4), boxes(1, seed=5)])
     p = result.parts
     assert set(p) == {"lm", "score", "mask", "dice"}
@@ -213,3 +213,34 @@ def test_tracked_frames_add_their_own_parts():
     perfect = torch.stack([torch.where(t, 20.0, -20.0) for t in ref_targets])
     out.track_mask_logits = perfect
     assert loss(out, None, targets, ref_targets).parts["track_mask"] < 1e-6
+
+
+def test_grounding_maps_learn_targets_on_the_token_grid():
+    """align: the text map learns the union of a sample's targets, each paired object map its own target, on the
+    coarse grid; a no-target sample's text map learns to be empty. A map matching the pooled targets costs less
+    than its inverse, and gradients reach both maps."""
+    torch.manual_seed(0)
+    grid = S // 4
+    targets = [boxes(2, seed=1), torch.zeros(0, S, S, dtype=torch.bool)]
+    pooled = F.adaptive_avg_pool2d(targets[0][:, None].float(), grid)[:, 0]
+    union = F.adaptive_avg_pool2d(targets[0].any(0)[None, None].float(), grid)[0, 0]
+    good_text = torch.stack([sharp(union > 0.5), torch.full((grid, grid), -20.0)])
+    good_obj = torch.stack([sharp(pooled > 0.5), torch.full((2, grid, grid), -20.0)])
+    loss = SegmentationLoss(LossWeights(align=1.0), matching=False)
+    valid = torch.tensor([[True, True], [True, False]])
+
+    def run(text, objects):
+        out = make_outputs(torch.randn(2, 2, S, S), valid=valid)
+        out.text_align_logits = text.clone().requires_grad_(True)
+        out.object_align_logits = objects.clone().requires_grad_(True)
+        result = loss(out, None, targets)
+        return out, result
+
+    out, good = run(good_text, good_obj)
+    _, bad = run(-good_text, -good_obj)
+    assert "align" in good.parts and good.parts["align"] < bad.parts["align"]
+    good.total.backward()
+    assert out.text_align_logits.grad.abs().sum() > 0
+    assert out.object_align_logits.grad[0].abs().sum() > 0 and out.object_align_logits.grad[1].abs().sum() == 0
+    off = SegmentationLoss(LossWeights(align=0.0), matching=False)(run(good_text, good_obj)[0], None, targets)
+    assert "align" not in off.parts

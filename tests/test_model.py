@@ -200,6 +200,43 @@ def test_generate_turns_every_seg_into_an_object(model):
     assert decoded.mask_logits.shape[:2] == (1, 2)
 
 
+@pytest.mark.parametrize("ending", ["eos", "seg_last"])
+def test_generate_prompts_match_a_teacher_forced_pass(model, ending):
+    """generate takes the [SEG] and instruction states from its own passes (KV cache); they must equal one
+    teacher-forced pass over prompt + answer. With [SEG] as the last token (cut by max_new_tokens) it falls back."""
+    model.eval()
+    inputs = _inputs(model, [("the red circle", None)], video=False)
+    tok = model.tokenizer
+    answer = tok("Here: [SEG]", add_special_tokens=False)["input_ids"]
+    answer = answer + [tok.eos_token_id] if ending == "eos" else answer
+    gen = model.generate(inputs, max_new_tokens=len(answer),
+                         logits_processor=LogitsProcessorList([_Force(0, answer)]))
+    ids = torch.tensor([answer])
+    full = ModelInputs(frames=inputs.frames, ref_frames=None, input_ids=torch.cat([inputs.input_ids, ids], 1),
+                       attention_mask=torch.ones(1, inputs.input_ids.shape[1] + ids.shape[1], dtype=torch.long),
+                       instruction_mask=torch.nn.functional.pad(inputs.instruction_mask, (0, ids.shape[1])))
+    forced = model.condition(full, gen.features)
+    assert gen.num_objects == 1
+    torch.testing.assert_close(gen.prompts.object_embeds, forced.object_embeds, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gen.prompts.text_embed, forced.text_embed, atol=1e-4, rtol=1e-4)
+
+
+def test_state_norm_standardises_the_llm_states_it_was_calibrated_on(model):
+    from instructseg.model.state_norm import CALIBRATION
+
+    norm = model.state_norm
+    assert not torch.equal(norm.mean, torch.zeros_like(norm.mean))  # calibrated when built
+    batch = model.tokenizer(CALIBRATION, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model.llm(**batch, output_hidden_states=True).hidden_states[-1]
+    keep = batch["attention_mask"].bool()
+    keep[:, 0] = False  # (right padding: the first token of every row is its attention sink)
+    states = norm(hidden[keep])
+    assert states.mean(0).abs().max() < 1e-3
+    std = states.std(0)
+    assert ((std - 1).abs() < 1e-3).float().mean() > 0.5 and std.max() < 1 + 1e-3  # capped dims come out below 1
+
+
 def test_missing_key_in_checkpoint_is_a_clear_error(tmp_path):
     model = _model("tiny")
     model.save_pretrained(tmp_path / "m")

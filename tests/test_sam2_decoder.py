@@ -54,7 +54,32 @@ def test_reanchor_rule():
 
 def test_reanchoring_makes_a_frame_a_conditioning_frame():
     decoder, frames = _decoder(), torch.rand(6, 3, 64, 64)
-    always = Reanchor(min_score=0.0, max_iou=1.01)  # every tracked frame disagrees
+    always = Reanchor(min_score=0.0, max_iou=1.01, every=1)  # every tracked frame disagrees
     with torch.no_grad():
         list(decoder.propagate(lambda i: frames[i:i + 1], 6, {0: _prompts()}, reanchor=always))
-    assert decoder.reanchored == [1, 2, 3, 4, 5]
+    assert always.frames == [1, 2, 3, 4, 5]
+
+
+def test_cached_key_frame_features_are_used_instead_of_reading_the_frame():
+    decoder, frames, calls = _decoder(), torch.rand(5, 3, 64, 64), []
+
+    def frame_at(i):
+        calls.append(i)
+        return frames[i:i + 1]
+
+    prompts = _prompts()
+    with torch.no_grad():
+        plain = dict(decoder.propagate(lambda i: frames[i:i + 1], 5, {1: prompts}))
+        cached = {1: decoder.encode(frames[1:2])}
+        reused = dict(decoder.propagate(frame_at, 5, {1: prompts}, cached=cached))
+    assert sorted(calls) == [0, 2, 3, 4] and cached == {}
+    for t in range(5):
+        torch.testing.assert_close(reused[t].mask_logits, plain[t].mask_logits)
+
+
+def test_reanchor_checks_every_nth_frame_from_the_nearest_key():
+    decoder, frames = _decoder(), torch.rand(9, 3, 64, 64)
+    always = Reanchor(min_score=0.0, max_iou=1.01, every=3)
+    with torch.no_grad():
+        list(decoder.propagate(lambda i: frames[i:i + 1], 9, {2: _prompts()}, reanchor=always))
+    assert always.frames == [5, 8]  # 3 and 6 frames after key 2; backwards 1, 0 are 1 and 2 away

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -25,6 +26,11 @@ class FrameFeatures:
     tokens: torch.Tensor
     size: tuple[int, int]
     extra: dict[str, Any]
+
+    def similarity(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of embeds (B, N, C) with every token: (B, N, h, w) in [-1, 1]."""
+        sim = torch.einsum("bpc,bnc->bnp", F.normalize(self.tokens, dim=-1), F.normalize(embeds, dim=-1))
+        return sim.unflatten(2, self.size)
 
     def select(self, index: torch.Tensor | list[int]) -> "FrameFeatures":
         """Rows `index` of the batch (repeating a row is allowed: one frame prompted for several objects)."""
@@ -87,12 +93,21 @@ class MaskDecoder(nn.Module, ABC):
 
     @abstractmethod
     def propagate(self, frame_at: Callable[[int], torch.Tensor], num_frames: int,
-                  key_prompts: dict[int, Prompts]) -> Iterator[tuple[int, DecoderOutput]]:
+                  key_prompts: dict[int, Prompts], *, cached: dict[int, FrameFeatures] | None = None
+                  ) -> Iterator[tuple[int, DecoderOutput]]:
         """Video: masks for every frame from prompts on key frames (each Prompts has B=1 and the same N objects).
 
-        `frame_at(i)` returns frame i as (1, 3, S, S); it is called about once per frame, so a caller can stream
-        frames from disk. Yields (frame_idx, output with B=1) once for every frame, key frames first, then
-        forwards from the first key frame, then backwards from it."""
+        `frame_at(i)` returns frame i as (1, 3, S, S); it is called at most once per frame, so a caller can stream
+        frames from disk. `cached` holds features the caller already computed (the key frames, encoded while the
+        LLM answered): those frames are not encoded again (entries are consumed). Yields (frame_idx, output with
+        B=1) once for every frame, key frames first, then forwards from the first key frame, then backwards."""
+
+    def features_at(self, t: int, frame_at: Callable[[int], torch.Tensor],
+                    cached: dict[int, FrameFeatures] | None) -> FrameFeatures:
+        """Frame t's features: from `cached` (consumed) when there, else encoded from `frame_at(t)`."""
+        if cached is not None and t in cached:
+            return cached.pop(t)
+        return self.encode(frame_at(t))
 
 
 def _map_tensors(value: Any, fn):

@@ -199,11 +199,12 @@ class Mask2FormerDecoder(MaskDecoder):
         return DecoderOutput(mask_logits=mask_logits, score_logits=scores)
 
     def propagate(self, frame_at: Callable[[int], torch.Tensor], num_frames: int,
-                  key_prompts: dict[int, Prompts]) -> Iterator[tuple[int, DecoderOutput]]:
+                  key_prompts: dict[int, Prompts], *, cached: dict[int, FrameFeatures] | None = None
+                  ) -> Iterator[tuple[int, DecoderOutput]]:
         """Decode every frame with the prompts of its nearest key frame (ties go to the earlier key frame).
 
         Order: key frames (ascending), then forwards from the first key frame, then backwards from it. Each frame is
-        read with `frame_at` and encoded exactly once; nothing is kept after its output is yielded.
+        encoded at most once (not at all when in `cached`); nothing is kept after its output is yielded.
         """
         keys = sorted(key_prompts)
         if not keys or keys[0] < 0 or keys[-1] >= num_frames:
@@ -215,4 +216,4 @@ class Mask2FormerDecoder(MaskDecoder):
         forwards = [t for t in range(first + 1, num_frames) if t not in key_prompts]
         for t in keys + forwards + list(range(first - 1, -1, -1)):
             nearest = min(keys, key=lambda k: (abs(k - t), k))
-            yield t, self.decode(self.encode(frame_at(t)), key_prompts[nearest])
+            yield t, self.decode(self.features_at(t, frame_at, cached), key_prompts[nearest])

@@ -1,11 +1,10 @@
 """The SAM2 decoder: text-derived embeddings prompt SAM2; in video, SAM2's memory propagates key-frame masks."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from instructseg.config import DecoderConfig
@@ -64,9 +63,7 @@ class SAM2Decoder(MaskDecoder):
         sparse = torch.stack([prompts.object_embeds, text], dim=2).reshape(b * n, 2, c)
         dense = None
         if self.dense is not None:
-            h, w = features.size
-            img = F.normalize(features.tokens, dim=-1)  # (B, HW, C)
-            sim = torch.einsum("bpc,bc->bp", img, F.normalize(prompts.text_embed, dim=-1)).view(b, 1, h, w)
+            sim = features.similarity(prompts.text_embed[:, None])  # (B, 1, h, w)
             dense = self.dense(sim).repeat_interleave(n, dim=0)
         if prompts.point_coords is None:
             return text_prompt(sparse, dense)
@@ -111,26 +108,26 @@ class SAM2Decoder(MaskDecoder):
 
     # -- video ------------------------------------------------------------------------------------------------
     def propagate(self, frame_at: Callable[[int], torch.Tensor], num_frames: int,
-                  key_prompts: dict[int, Prompts], *, reanchor: "Reanchor | None" = None
-                  ) -> Iterator[tuple[int, DecoderOutput]]:
-        """See `MaskDecoder.propagate`. With `reanchor` (tracking-bias correction, SAMWISE), each tracked frame is
-        also decoded without memory using the nearest key frame's prompts; where that decode is confident and the
-        tracked mask strongly disagrees with it, the frame becomes a conditioning frame (the objects re-anchor)."""
+                  key_prompts: dict[int, Prompts], *, cached: dict[int, FrameFeatures] | None = None,
+                  reanchor: "Reanchor | None" = None) -> Iterator[tuple[int, DecoderOutput]]:
+        """See `MaskDecoder.propagate`. With `reanchor` (tracking-bias correction, SAMWISE), every `reanchor.every`-th
+        tracked frame (counted from the nearest key frame) is also decoded without memory using that key frame's
+        prompts; where that decode is confident and the tracked mask strongly disagrees with it, the frame becomes
+        a conditioning frame (the objects re-anchor) and is listed in `reanchor.frames`."""
         keys = sorted(key_prompts)
         n = key_prompts[keys[0]].object_valid.shape[1]
         memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-        self.reanchored: list[int] = []
 
         def step(t: int, prompt: Prompts | None, reverse: bool) -> DecoderOutput:
-            features = self.encode(frame_at(t))
+            features = self.features_at(t, frame_at, cached)
             out = track(t, features, prompt, reverse)
-            if prompt is None and reanchor is not None:
-                nearest = key_prompts[min(keys, key=lambda k: (abs(k - t), k))]
-                free = self.decode(features, nearest)
+            key = min(keys, key=lambda k: (abs(k - t), k))
+            if prompt is None and reanchor is not None and abs(t - key) % reanchor.every == 0:
+                free = self.decode(features, key_prompts[key])
                 if reanchor.disagrees(out["pred_masks_high_res"].view(1, n, *free.mask_logits.shape[-2:]), free):
                     memory["non_cond_frame_outputs"].pop(t, None)
-                    out = track(t, features, nearest, reverse)
-                    self.reanchored.append(t)
+                    out = track(t, features, key_prompts[key], reverse)
+                    reanchor.frames.append(t)
             valid = key_prompts[keys[0]].object_valid
             return _output(out["pred_masks_high_res"].view(1, n, *out["pred_masks_high_res"].shape[-2:]),
                            out["object_score_logits"].view(1, n), valid)
@@ -169,10 +166,14 @@ class SAM2Decoder(MaskDecoder):
 @dataclass
 class Reanchor:
     """When to re-anchor a tracked object: the memory-free decode sees it with probability >= `min_score` and the
-    tracked mask overlaps that decode with IoU < `max_iou` (the tracker drifted or lost it)."""
+    tracked mask overlaps that decode with IoU < `max_iou` (the tracker drifted or lost it). The check runs on
+    every `every`-th frame from the nearest key frame (a drift is caught within `every` frames at 1/`every` of the
+    cost). `frames` collects the frames that were re-anchored (one Reanchor per propagation)."""
 
     min_score: float = 0.8
     max_iou: float = 0.1
+    every: int = 4
+    frames: list[int] = field(default_factory=list)
 
     def disagrees(self, tracked: torch.Tensor, free: DecoderOutput) -> bool:
         a, b = tracked[0] > 0, free.mask_logits[0] > 0  # (N, S, S)

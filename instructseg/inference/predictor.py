@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from instructseg.data.sampling import track_frames, uniform_key_frames
-from instructseg.decoders.base import DecoderOutput, Prompts
+from instructseg.decoders.base import DecoderOutput, FrameFeatures, Prompts
 from instructseg.errors import InputError
 from instructseg.inference.io import FrameSource, open_source
 from instructseg.inference.results import Masklet, ResultWriter, SegmentationResult, encode_mask
@@ -61,6 +61,7 @@ class Answer:
     num_objects: int
     key_prompts: dict[int, Prompts]
     llm_calls: int  # LLM passes so far (generation + teacher-forced); per-frame decoding adds to it
+    key_features: dict[int, FrameFeatures] = field(default_factory=dict)  # decoder features of the key frames
 
 
 class InstructSegPredictor:
@@ -139,16 +140,17 @@ class InstructSegPredictor:
         first = self._inputs(frames, keys[0], instruction, None, history)
         with torch.inference_mode():
             gen = self.model.generate(first)
-            prompts = {keys[0]: gen.prompts}
+            prompts, features = {keys[0]: gen.prompts}, {keys[0]: gen.features}
             if gen.num_objects and mode == "propagate":
                 for t in keys[1:]:
                     inputs = self._inputs(frames, t, instruction, gen.raw_text, history)
-                    prompts[t] = self.model.condition(inputs, self.model.decoder.encode(inputs.frames))
+                    features[t] = self.model.decoder.encode(inputs.frames)
+                    prompts[t] = self.model.condition(inputs, features[t])
                     llm_calls += 1
         for t, refinement in (refinements or {}).items():
             prompts[t] = self._refine(frames, prompts, t, refinement, gen.num_objects)
         return Answer(text=gen.text, raw_text=gen.raw_text, num_objects=gen.num_objects, key_prompts=prompts,
-                      llm_calls=llm_calls)
+                      llm_calls=llm_calls, key_features=features)
 
     def _inputs(self, frames: FrameSource, t: int, instruction: str, answer: str | None,
                 history: list[tuple[str, str]]) -> ModelInputs:
@@ -179,14 +181,14 @@ class InstructSegPredictor:
             if mode == "per-frame" and frames.is_video:
                 outputs = self._per_frame(frames, answer, instruction, history)
             elif frames.is_video:
-                kwargs = {}
+                kwargs = {"cached": dict(answer.key_features)}  # a copy: the answer may be propagated again
                 if self.reanchor and self.model.config.decoder.kind == "sam2":
                     from instructseg.decoders.sam2 import Reanchor
 
                     kwargs["reanchor"] = Reanchor()
                 outputs = self.model.decoder.propagate(frame_at, len(frames), answer.key_prompts, **kwargs)
             else:
-                features = self.model.decoder.encode(frame_at(0))
+                features = self.model.decoder.features_at(0, frame_at, dict(answer.key_features))
                 outputs = iter([(0, self.model.decoder.decode(features, answer.key_prompts[0]))])
             for t, out in outputs:
                 yield self._frame_result(frames, t, out)

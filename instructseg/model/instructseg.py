@@ -21,10 +21,13 @@ from instructseg.llm.lora import apply_lora
 from instructseg.model.fusion import TextFusion
 from instructseg.model.outputs import Generation, InstructSegOutput, ModelInputs
 from instructseg.model.perceiver import ObjectAwarePerceiver
+from instructseg.model.state_norm import StateNorm
 from instructseg.model.tokens import IMG, MQ, REF, SEG, PromptLayout
 from instructseg.model.vision import VisionEncoder
 
 MAX_LENGTH = 512
+# cosine similarity -> logit for the grounding maps (sigmoid(10) ~ 1: a cell can be confidently in or out)
+ALIGN_SCALE = 10.0
 
 
 def build_decoder(config: ModelConfig) -> MaskDecoder:
@@ -76,6 +79,9 @@ class InstructSegModel(nn.Module):
         f = config.fusion
         self.fusion = TextFusion(text_width=hidden, dim=dim, layers=f.layers, heads=f.heads,
                                  max_detail_tokens=f.max_detail_tokens)
+        self.state_norm = StateNorm(hidden)  # loaded with the weights, or calibrated on the base LLM now
+        if load_pretrained:
+            self.state_norm.calibrate(self.llm, self.tokenizer)
         self.weight_sources = _initial_sources(config, load_pretrained)
 
     # -- construction helpers -------------------------------------------------------------------------------
@@ -128,6 +134,7 @@ class InstructSegModel(nn.Module):
     def prompts(self, hidden: torch.Tensor, input_ids: torch.Tensor, instruction_mask: torch.Tensor,
                 features: FrameFeatures) -> Prompts:
         """Decoder prompts from the last hidden states (B, L, hidden) of a full sequence."""
+        hidden = self.state_norm(hidden)
         token = SEG if self.config.decoder.kind == "sam2" else MQ
         where = input_ids == self.token_ids[token]
         counts = where.sum(1)
@@ -160,28 +167,41 @@ class InstructSegModel(nn.Module):
         return InstructSegOutput(logits=out.logits, mask_logits=decoded.mask_logits,
                                  score_logits=decoded.score_logits, object_valid=prompts.object_valid,
                                  text_embed=prompts.text_embed, track_mask_logits=tracked_masks,
-                                 track_score_logits=tracked_scores)
+                                 track_score_logits=tracked_scores,
+                                 text_align_logits=ALIGN_SCALE * features.similarity(prompts.text_embed[:, None])[:, 0],
+                                 object_align_logits=ALIGN_SCALE * features.similarity(prompts.object_embeds))
 
     @torch.no_grad()
     def generate(self, inputs: ModelInputs, *, max_new_tokens: int | None = None,
                  features: FrameFeatures | None = None, **generate_kwargs) -> Generation:
         """Greedy answer for one prompt (B = 1); every [SEG] in it becomes one object. `generate_kwargs` go to
-        transformers' `generate` (e.g. a `logits_processor`)."""
+        transformers' `generate` (e.g. a `logits_processor`). The decoder prompts come from the hidden states the
+        generation itself computed (prompt + answer), so no second pass over the sequence is needed."""
         if inputs.input_ids.shape[0] != 1:
             raise ValueError("generate takes one prompt at a time")
         features = self.decoder.encode(inputs.frames) if features is None else features
         embeds = self.embed(inputs)
-        new = self.llm.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask, do_sample=False,
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask, do_sample=False,
                                 max_new_tokens=max_new_tokens or self.config.llm.max_new_tokens,
                                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                suppress_tokens=[self.token_ids[t] for t in (IMG, REF, MQ)], **generate_kwargs)
+                                suppress_tokens=[self.token_ids[t] for t in (IMG, REF, MQ)],
+                                output_hidden_states=True, return_dict_in_generate=True, **generate_kwargs)
+        new = out.sequences
         full = ModelInputs(frames=inputs.frames, ref_frames=inputs.ref_frames,
                            input_ids=torch.cat([inputs.input_ids, new], dim=1),
                            attention_mask=torch.ones(1, inputs.input_ids.shape[1] + new.shape[1],
                                                      dtype=inputs.attention_mask.dtype, device=new.device),
                            instruction_mask=F.pad(inputs.instruction_mask, (0, new.shape[1]), value=False))
-        full_embeds = torch.cat([embeds, self.llm.get_input_embeddings()(new)], dim=1)
-        prompts = self.condition(full, features, embeds=full_embeds)
+        # step 0 holds the prompt's states, step i the state of the i-th new token fed back; the last new token is
+        # never fed back, which matters only when it is a [SEG] (generation stopped by max_new_tokens)
+        hidden = torch.cat([step[-1] for step in out.hidden_states], dim=1)
+        if new.shape[1] and new[0, -1] == self.token_ids[SEG]:
+            full_embeds = torch.cat([embeds, self.llm.get_input_embeddings()(new)], dim=1)
+            prompts = self.condition(full, features, embeds=full_embeds)
+        else:
+            hidden = F.pad(hidden, (0, 0, 0, full.input_ids.shape[1] - hidden.shape[1]))
+            prompts = self._select(self.prompts(hidden, full.input_ids, full.instruction_mask, features),
+                                   full.input_ids, features)
         raw = self.tokenizer.decode(new[0], skip_special_tokens=False)
         raw = raw.split(self.tokenizer.eos_token)[0] if self.tokenizer.eos_token else raw
         text = " ".join(raw.replace(SEG, " ").split())
@@ -196,7 +216,11 @@ class InstructSegModel(nn.Module):
         embeds = self.embed(inputs) if embeds is None else embeds
         out = self.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask, output_hidden_states=True)
         prompts = self.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
-        k = int((inputs.input_ids == self.token_ids[SEG]).sum())
+        return self._select(prompts, inputs.input_ids, features)
+
+    def _select(self, prompts: Prompts, input_ids: torch.Tensor, features: FrameFeatures) -> Prompts:
+        """Exactly one object slot per [SEG] of the sequence (B = 1)."""
+        k = int((input_ids == self.token_ids[SEG]).sum())
         if self.config.decoder.kind == "mask2former":
             return self._top_queries(features, prompts, k)
         return Prompts(object_embeds=prompts.object_embeds[:, :k], object_valid=prompts.object_valid[:, :k],
@@ -219,6 +243,7 @@ def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, st
     sources = {"llm": llm, "lora": "new (no adapter loaded)", "vision": vision, "decoder": decoder}
     for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion"):
         sources[part] = "random init"
+    sources["state_norm"] = "calibrated on the base LLM" if load_pretrained else "not calibrated"
     return sources
 
 

@@ -52,6 +52,9 @@ class InstructSegOutput:
     track_mask_logits:  (B, R, N, S, S) the same slots followed through the reference frames (training on clips),
                         or None.
     track_score_logits: (B, R, N) or None.
+    text_align_logits:   (B, h, w) grounding map: scaled cosine similarity of E_v with the decoder's coarse visual
+                         tokens (training supervises it with the union of the targets), or None.
+    object_align_logits: (B, N, h, w) the same for each object slot's decoder embedding, or None.
     """
 
     logits: torch.Tensor
@@ -61,6 +64,8 @@ class InstructSegOutput:
     text_embed: torch.Tensor
     track_mask_logits: torch.Tensor | None = None
     track_score_logits: torch.Tensor | None = None
+    text_align_logits: torch.Tensor | None = None
+    object_align_logits: torch.Tensor | None = None
 
 
 @dataclass

@@ -24,12 +24,16 @@ class LossWeights:
     score: float = 2.0  # object score BCE (sam2: object present; mask2former: query matched)
     mask: float = 5.0  # per-pixel mask BCE
     dice: float = 5.0  # dice loss
+    # grounding maps (E_v and each object embedding vs the decoder's coarse tokens): BCE + dice against the targets
+    # pooled to that grid. A direct signal that ties words to pixels, so the decoder cannot ignore the instruction.
+    align: float = 2.0
     num_points: int = 0  # 0: mask losses on every pixel; > 0: on this many importance-sampled points per mask
 
 
 @dataclass
 class LossOutput:
-    """total: scalar to backpropagate. parts: unweighted "lm", "score", "mask", "dice" as floats, for logging."""
+    """total: scalar to backpropagate. parts: unweighted "lm", "score", "mask", "dice", "align" as floats, for
+    logging."""
 
     total: torch.Tensor
     parts: dict[str, float]
@@ -218,8 +222,30 @@ class SegmentationLoss:
         w = self.weights
         total = w.score * score + w.mask * mask + w.dice * dice
         parts = {"score": float(score.detach()), "mask": float(mask.detach()), "dice": float(dice.detach())}
+        if w.align > 0 and outputs.text_align_logits is not None:
+            align = _align_loss(outputs, target_masks, mask_idx, torch.cat(mask_tgt))
+            total = total + w.align * align
+            parts["align"] = float(align.detach())
         if labels is not None:
             lm = lm_loss(outputs.logits, labels)
             total = total + w.lm * lm
             parts = {"lm": float(lm.detach()), **parts}
         return LossOutput(total=total, parts=parts)
+
+
+def _align_loss(outputs: InstructSegOutput, target_masks: list[torch.Tensor], pair_idx: torch.Tensor,
+                pair_targets: torch.Tensor) -> torch.Tensor:
+    """Grounding loss: the text map learns the union of a sample's targets (all zero for no-target samples), each
+    paired object map its own target, both as area fractions on the (h, w) token grid. BCE + dice, averaged."""
+    text = outputs.text_align_logits
+    size = tuple(text.shape[-2:])
+    union = torch.stack([t.reshape(-1, *t.shape[-2:]).any(0) if t.shape[0] else
+                         torch.zeros(outputs.mask_logits.shape[-2:], dtype=torch.bool, device=text.device)
+                         for t in target_masks]).to(text.device)
+    union = F.adaptive_avg_pool2d(union[:, None].float(), size)[:, 0]
+    loss = sigmoid_bce(text, union) + dice_loss(text, union)
+    objects = outputs.object_align_logits[pair_idx[:, 0], pair_idx[:, 1]]
+    if objects.shape[0] > 0:
+        tgt = F.adaptive_avg_pool2d(pair_targets[:, None].float(), size)[:, 0]
+        loss = loss + sigmoid_bce(objects, tgt) + dice_loss(objects, tgt)
+    return loss

@@ -179,8 +179,9 @@ class Trainer:
         parts: dict[str, float] = {}
         for _ in range(self.recipe.train.grad_accum):
             inputs, masks, ref_masks = self.micro_batch()
-            out = self.engine(inputs)
-            loss = self.loss(out, inputs.labels, masks, ref_masks)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe.train.cpu_bf16 and not self.cuda):
+                out = self.engine(inputs)
+                loss = self.loss(out, inputs.labels, masks, ref_masks)
             self.engine.backward(loss.total)
             self.engine.step()
             for key, value in {"loss": float(loss.total.detach()), **loss.parts}.items():
