@@ -88,7 +88,8 @@ def test_loss_goes_down_when_overfitting(tmp_path, synth_root):
     recipe = {
         "model": "tiny",
         "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco"), "split": "val", "ratio": 1}],
-        "train": {"steps": 30, "batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "save_every": 100,
+        # bf16 autocast (as the default recipe trains; the other tests cover fp32)
+        "train": {"steps": 30, "batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "save_every": 100, "cpu_bf16": True,
                   "deepspeed": str(REPO / "scripts/ds/zero2.json")},
         "output_dir": str(tmp_path / "run"),
     }

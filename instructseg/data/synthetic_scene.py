@@ -130,9 +130,11 @@ def _muted_colour(rng: np.random.Generator) -> np.ndarray:
     return np.clip(grey + rng.uniform(-25, 25, size=3), 0, 255)
 
 
-def sample_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """(H, W, 3) uint8 background: plain, noise, gradient or stripes."""
-    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+def sample_background(rng: np.random.Generator, height: int, width: int, kind: str | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 background: plain, noise, gradient or stripes (random, or `kind`; the random draw happens
+    either way, so the rest of a scene does not depend on `kind`)."""
+    drawn = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    kind = kind or drawn
     base = _muted_colour(rng)
     image = np.broadcast_to(base, (height, width, 3)).astype(np.float64)
     if kind == "noise":

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# cosine similarity -> logit for grounding maps (sigmoid(10) ~ 1: a cell can be confidently in or out)
+GROUNDING_SCALE = 10.0
+
 
 @dataclass
 class FrameFeatures:
@@ -31,6 +34,10 @@ class FrameFeatures:
         """Cosine similarity of embeds (B, N, C) with every token: (B, N, h, w) in [-1, 1]."""
         sim = torch.einsum("bpc,bnc->bnp", F.normalize(self.tokens, dim=-1), F.normalize(embeds, dim=-1))
         return sim.unflatten(2, self.size)
+
+    def grounding(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Grounding logits of embeds (B, N, C): GROUNDING_SCALE x cosine similarity, (B, N, h, w)."""
+        return GROUNDING_SCALE * self.similarity(embeds)
 
     def select(self, index: torch.Tensor | list[int]) -> "FrameFeatures":
         """Rows `index` of the batch (repeating a row is allowed: one frame prompted for several objects)."""

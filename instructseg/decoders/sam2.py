@@ -18,7 +18,9 @@ INVALID_SCORE = -1e4
 
 class SAM2Decoder(MaskDecoder):
     """Sparse prompt per object = [object embedding ; text embedding E_v]; optional dense prompt from the
-    cosine-similarity map between E_v and the image embedding (a coarse localisation prior)."""
+    cosine-similarity map between E_v and the image embedding (a coarse localisation prior). Each object's own
+    grounding map (its embedding against the image embedding) is added to its mask logits, so the mask is SAM2's
+    refinement of where the object embedding points."""
 
     def __init__(self, *, sam: nn.Module, dense_prompt: bool):
         super().__init__()
@@ -65,9 +67,10 @@ class SAM2Decoder(MaskDecoder):
         if self.dense is not None:
             sim = features.similarity(prompts.text_embed[:, None])  # (B, 1, h, w)
             dense = self.dense(sim).repeat_interleave(n, dim=0)
+        bias = features.grounding(prompts.object_embeds).reshape(b * n, 1, *features.size)
         if prompts.point_coords is None:
-            return text_prompt(sparse, dense)
-        return text_prompt(sparse, dense, coords=prompts.point_coords.flatten(0, 1),
+            return text_prompt(sparse, dense, bias=bias)
+        return text_prompt(sparse, dense, bias=bias, coords=prompts.point_coords.flatten(0, 1),
                            labels=prompts.point_labels.flatten(0, 1))
 
     # -- images / key frames ----------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """SAM2 with a text prompt type: a subclass of the official `SAM2Base`, built through sam2's own hydra configs.
 
 Text prompts travel where SAM2 carries prompts through `track_step`: the `point_inputs` dict. A text prompt is that
-dict with two more keys, `text_sparse` (B, P, C), extra sparse prompt tokens, and optionally `text_dense`
-(B, C, h, w), added to the dense prompt embedding. Everything else (memory attention, memory encoding, object
-pointers) is SAM2's own code, unchanged.
+dict with more keys: `text_sparse` (B, P, C), extra sparse prompt tokens; optionally `text_dense` (B, C, h, w),
+added to the dense prompt embedding; optionally `text_bias` (B, 1, h, w), grounding logits added to the low-res
+mask logits (the mask is SAM2's refinement on top of the grounding map, so the prompt cannot be ignored).
+Everything else (memory attention, memory encoding, object pointers) is SAM2's own code, unchanged.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from instructseg.errors import InputError
 TARGET = "instructseg.decoders.sam2_prompting.TextPromptSAM2"
 
 
-def text_prompt(sparse: torch.Tensor, dense: torch.Tensor | None = None, *, coords: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+def text_prompt(sparse: torch.Tensor, dense: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
+                coords: torch.Tensor | None = None, labels: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor | None]:
     """A SAM2 `point_inputs` dict carrying text embeddings, and clicks (B, P, 2) / labels (B, P) if given
     (otherwise one padding point labelled -1)."""
     batch = sparse.shape[0]
@@ -27,7 +29,7 @@ def text_prompt(sparse: torch.Tensor, dense: torch.Tensor | None = None, *, coor
         coords = sparse.new_zeros(batch, 1, 2)
         labels = -torch.ones(batch, 1, dtype=torch.int32, device=sparse.device)
     return {"point_coords": coords.to(sparse.dtype), "point_labels": labels.to(torch.int32),
-            "text_sparse": sparse, "text_dense": dense}
+            "text_sparse": sparse, "text_dense": dense, "text_bias": bias}
 
 
 class TextPromptSAM2(SAM2Base):
@@ -66,6 +68,9 @@ class TextPromptSAM2(SAM2Base):
             repeat_image=False,
             high_res_features=high_res_features,
         )
+        if point_inputs.get("text_bias") is not None:
+            low_res = low_res + F.interpolate(point_inputs["text_bias"].to(low_res.dtype), size=low_res.shape[-2:],
+                                              mode="bilinear", align_corners=False)
         if self.pred_obj_scores:
             low_res = torch.where(obj_logits[:, None, None] > 0, low_res, NO_OBJ_SCORE)
         low_res = low_res.float()

@@ -26,8 +26,6 @@ from instructseg.model.tokens import IMG, MQ, REF, SEG, PromptLayout
 from instructseg.model.vision import VisionEncoder
 
 MAX_LENGTH = 512
-# cosine similarity -> logit for the grounding maps (sigmoid(10) ~ 1: a cell can be confidently in or out)
-ALIGN_SCALE = 10.0
 
 
 def build_decoder(config: ModelConfig) -> MaskDecoder:
@@ -168,8 +166,8 @@ class InstructSegModel(nn.Module):
                                  score_logits=decoded.score_logits, object_valid=prompts.object_valid,
                                  text_embed=prompts.text_embed, track_mask_logits=tracked_masks,
                                  track_score_logits=tracked_scores,
-                                 text_align_logits=ALIGN_SCALE * features.similarity(prompts.text_embed[:, None])[:, 0],
-                                 object_align_logits=ALIGN_SCALE * features.similarity(prompts.object_embeds))
+                                 text_align_logits=features.grounding(prompts.text_embed[:, None])[:, 0],
+                                 object_align_logits=features.grounding(prompts.object_embeds))
 
     @torch.no_grad()
     def generate(self, inputs: ModelInputs, *, max_new_tokens: int | None = None,
