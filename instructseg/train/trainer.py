@@ -79,8 +79,11 @@ def _deepspeed_config(recipe: Recipe, world: int, cuda: bool) -> dict:
     path = recipe.deepspeed_config_path()
     config = json.loads(path.read_text())
     if config.get("zero_optimization", {}).get("stage") == 3:
-        # Known limitation: stage-3 backward fails inside DeepSpeed with both decoders, even with nothing
-        # partitioned and without clip tracking (cause not found yet; see the issue notes).
+        # Known limitation. Cause (SAM2 decoder): SAM2Base's own parameters (maskmem_tpos_enc, no_mem_embed, ...)
+        # are used by its methods, but SAM2Base.forward never runs, so ZeRO-3 never gathers them for backward
+        # (persistent or not: the first, tracing step releases everything). Registering them as external
+        # parameters of the top module is not enough: DeepSpeed's backward hooks do not see tensors inside our
+        # dataclass outputs. Fix: route decoder calls through a module forward that returns plain tuples.
         raise InputError(f"{path}: ZeRO stage 3 is not supported yet with instructseg's decoders; "
                          "use scripts/ds/zero2.json (or zero1.json)")
     config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
