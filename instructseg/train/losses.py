@@ -235,17 +235,31 @@ class SegmentationLoss:
 
 def _align_loss(outputs: InstructSegOutput, target_masks: list[torch.Tensor], pair_idx: torch.Tensor,
                 pair_targets: torch.Tensor) -> torch.Tensor:
-    """Grounding loss: the text map learns the union of a sample's targets (all zero for no-target samples), each
-    paired object map its own target, both as area fractions on the (h, w) token grid. BCE + dice, averaged."""
+    """Grounding loss on the (h, w) token grid, targets as area fractions: the text map learns the union of a
+    sample's targets (all zero for no-target samples), each paired object map its own target. Per map: BCE + dice,
+    plus an in-image contrastive term: with a softmax over the grid, the mass on the target must be high, so the
+    map has to single its target out from the other objects of the image (BCE alone is mostly satisfied by
+    "objects vs background")."""
     text = outputs.text_align_logits
     size = tuple(text.shape[-2:])
     union = torch.stack([t.reshape(-1, *t.shape[-2:]).any(0) if t.shape[0] else
                          torch.zeros(outputs.mask_logits.shape[-2:], dtype=torch.bool, device=text.device)
                          for t in target_masks]).to(text.device)
     union = F.adaptive_avg_pool2d(union[:, None].float(), size)[:, 0]
-    loss = sigmoid_bce(text, union) + dice_loss(text, union)
+    loss = sigmoid_bce(text, union) + dice_loss(text, union) + _grid_contrastive(text, union)
     objects = outputs.object_align_logits[pair_idx[:, 0], pair_idx[:, 1]]
     if objects.shape[0] > 0:
         tgt = F.adaptive_avg_pool2d(pair_targets[:, None].float(), size)[:, 0]
-        loss = loss + sigmoid_bce(objects, tgt) + dice_loss(objects, tgt)
+        loss = loss + sigmoid_bce(objects, tgt) + dice_loss(objects, tgt) + _grid_contrastive(objects, tgt)
     return loss
+
+
+def _grid_contrastive(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log(softmax mass on the target) per map, averaged over maps with a target; logits, targets (M, h, w)."""
+    logits, targets = logits.float().flatten(1), targets.flatten(1)
+    has = targets.sum(1) > 0
+    if not bool(has.any()):
+        return logits.sum() * 0.0
+    logits, targets = logits[has], targets[has]
+    mass = torch.logsumexp(logits + torch.log(targets.clamp(min=1e-6)), dim=1) - torch.logsumexp(logits, dim=1)
+    return -mass.mean()
