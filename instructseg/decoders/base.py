@@ -109,6 +109,10 @@ class MaskDecoder(nn.Module, ABC):
         LLM answered): those frames are not encoded again (entries are consumed). Yields (frame_idx, output with
         B=1) once for every frame, key frames first, then forwards from the first key frame, then backwards."""
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters used outside their owning module's `forward` (ZeRO-3 must gather them with this module)."""
+        return []
+
     def features_at(self, t: int, frame_at: Callable[[int], torch.Tensor],
                     cached: dict[int, FrameFeatures] | None) -> FrameFeatures:
         """Frame t's features: from `cached` (consumed) when there, else encoded from `frame_at(t)`."""

@@ -73,8 +73,36 @@ class SAM2Decoder(MaskDecoder):
         return text_prompt(sparse, dense, bias=bias, coords=prompts.point_coords.flatten(0, 1),
                            labels=prompts.point_labels.flatten(0, 1))
 
-    # -- images / key frames ----------------------------------------------------------------------------------
+    # -- module calls: what DeepSpeed ZeRO-3 needs -------------------------------------------------------------
+    def external_parameters(self) -> list[nn.Parameter]:
+        """SAM2Base's own tensors (memory temporal encodings, no-memory and no-object embeddings): its methods use
+        them but SAM2Base.forward never runs, so ZeRO-3 must gather them with this module (the trainer registers
+        them as its external parameters)."""
+        return list(self.sam.parameters(recurse=False))
+
+    def forward(self, call: str, features: FrameFeatures, prompts: Prompts,
+                ref_frames: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """`decode` and `track` run through here, as a module call returning plain tensors: ZeRO-3 then gathers
+        `external_parameters()` for the forward and, through hooks on these outputs, again for the backward."""
+        if call == "decode":
+            out = self._decode(features, prompts)
+            return out.mask_logits, out.score_logits
+        key, refs = self._track(features, prompts, ref_frames)
+        return (key.mask_logits, key.score_logits, torch.stack([r.mask_logits for r in refs], dim=1),
+                torch.stack([r.score_logits for r in refs], dim=1))
+
     def decode(self, features: FrameFeatures, prompts: Prompts) -> DecoderOutput:
+        masks, scores = self("decode", features, prompts)
+        return DecoderOutput(mask_logits=masks, score_logits=scores)
+
+    def track(self, key_features: FrameFeatures, prompts: Prompts, ref_frames: torch.Tensor
+              ) -> tuple[DecoderOutput, list[DecoderOutput]]:
+        masks, scores, ref_masks, ref_scores = self("track", key_features, prompts, ref_frames)
+        return DecoderOutput(masks, scores), [DecoderOutput(ref_masks[:, t], ref_scores[:, t])
+                                              for t in range(ref_masks.shape[1])]
+
+    # -- images / key frames ----------------------------------------------------------------------------------
+    def _decode(self, features: FrameFeatures, prompts: Prompts) -> DecoderOutput:
         b, n = prompts.object_valid.shape
         rows = torch.arange(b, device=features.tokens.device).repeat_interleave(n)
         feats, _, sizes = self._sam_inputs(features.select(rows))
@@ -89,8 +117,8 @@ class SAM2Decoder(MaskDecoder):
         return _output(masks.view(b, n, *masks.shape[-2:]), scores.view(b, n), prompts.object_valid)
 
     # -- clips in training: the key frame conditions SAM2's memory, which tracks its objects -------------------
-    def track(self, key_features: FrameFeatures, prompts: Prompts, ref_frames: torch.Tensor
-              ) -> tuple[DecoderOutput, list[DecoderOutput]]:
+    def _track(self, key_features: FrameFeatures, prompts: Prompts, ref_frames: torch.Tensor
+               ) -> tuple[DecoderOutput, list[DecoderOutput]]:
         b, n = prompts.object_valid.shape
         rows = torch.arange(b, device=ref_frames.device).repeat_interleave(n)
         num = ref_frames.shape[1] + 1
