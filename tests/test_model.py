@@ -221,9 +221,10 @@ def test_generate_prompts_match_a_teacher_forced_pass(model, ending):
     torch.testing.assert_close(gen.prompts.text_embed, forced.text_embed, atol=1e-4, rtol=1e-4)
 
 
-def test_state_norm_standardises_the_llm_states_it_was_calibrated_on(model):
+def test_state_norm_standardises_the_llm_states_it_was_calibrated_on():
     from instructseg.model.state_norm import CALIBRATION
 
+    model = _model("tiny").eval()  # a fresh one: the shared fixture's LoRA weights are trained by other tests
     norm = model.state_norm
     assert not torch.equal(norm.mean, torch.zeros_like(norm.mean))  # calibrated when built
     batch = model.tokenizer(CALIBRATION, padding=True, return_tensors="pt")
