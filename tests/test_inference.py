@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from instructseg.cli import main
@@ -219,3 +220,20 @@ def test_terminal_chat_rounds_and_commands(predictor, video_dir, tmp_path):
     assert "added; /propagate to apply" in text and "unknown command '/nope'" in text
     for turn in (1, 2, 3):
         assert (tmp_path / "chat" / f"turn_{turn}" / "result.json").is_file()
+
+
+def test_predictor_merges_the_adapter_and_saving_undoes_it(seg_model_dir, video_dir, tmp_path):
+    """The predictor folds LoRA + the [SEG] row into the LLM for speed; a save afterwards still writes the
+    adapter apart (not merged twice), and the saved model answers exactly like the original."""
+    from safetensors.torch import load_file
+
+    first = InstructSegPredictor(str(seg_model_dir))
+    assert any(getattr(m, "merged", False) for m in first.model.llm.modules())
+    before = first.segment(video_dir, "segment the red circle")
+    first.model.save_pretrained(tmp_path / "again")
+    assert any(getattr(m, "merged", False) for m in first.model.llm.modules())  # merged again after saving
+    saved, original = (load_file(str(d / "adapter" / "adapter_model.safetensors"))
+                       for d in (tmp_path / "again", seg_model_dir))
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+    after = InstructSegPredictor(str(tmp_path / "again")).segment(video_dir, "segment the red circle")
+    assert [o.masks_rle for o in after.objects] == [o.masks_rle for o in before.objects]

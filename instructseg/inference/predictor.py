@@ -75,6 +75,11 @@ class InstructSegPredictor:
 
             model = load_model(str(model), device=device)
         self.model = model.to(device).eval()
+        if hasattr(model.llm, "merge_adapter") and not any(getattr(m, "merged", False) for m in model.llm.modules()):
+            # LoRA and the trainable [SEG] row folded into the LLM weights (same outputs to ~1e-6): unmerged, peft
+            # rebuilds the whole embedding matrix on every LLM call, about half of an answer's time.
+            # `model.llm.unmerge_adapter()` undoes it, e.g. to train the model again.
+            model.llm.merge_adapter()
         self.device = torch.device(device)
         self.size = model.decoder.image_size
         self.num_ref = model.config.perceiver.num_ref_frames

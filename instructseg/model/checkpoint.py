@@ -36,7 +36,19 @@ def _own_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def save_model(model, directory: Path, *, merge_lora: bool = False) -> None:
-    """Write atomically: a temporary sibling directory renamed into place (an existing one is replaced)."""
+    """Write atomically: a temporary sibling directory renamed into place (an existing one is replaced). A model
+    whose adapter a predictor merged for speed is saved unmerged (and merged again afterwards)."""
+    merged = any(getattr(m, "merged", False) for m in model.llm.modules())
+    if merged:
+        model.llm.unmerge_adapter()
+    try:
+        _save_model(model, Path(directory), merge_lora=merge_lora)
+    finally:
+        if merged:
+            model.llm.merge_adapter()
+
+
+def _save_model(model, directory: Path, *, merge_lora: bool) -> None:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
@@ -45,13 +57,14 @@ def save_model(model, directory: Path, *, merge_lora: bool = False) -> None:
     model.tokenizer.save_pretrained(tmp / "tokenizer")
     llm = model.llm
     has_lora = config.llm.use_lora
+    own_llm = config.llm.random_init or config.llm.source == "llm"  # random, or already saved with a model
     if merge_lora and has_lora:
         llm = copy.deepcopy(llm).merge_and_unload()
         has_lora = False
     elif has_lora:
         llm.save_pretrained(tmp / "adapter", save_embedding_layers=False)  # new rows are rebuilt on load
-        llm = copy.deepcopy(llm).unload() if config.llm.random_init else None
-    if config.llm.random_init or not (config.llm.use_lora == has_lora):
+        llm = copy.deepcopy(llm).unload() if own_llm else None
+    if own_llm or not (config.llm.use_lora == has_lora):
         llm.save_pretrained(tmp / "llm")
         config.llm.source, config.llm.gguf_file, config.llm.random_init, config.llm.arch = "llm", None, False, {}
     config.save(tmp / "config.json")

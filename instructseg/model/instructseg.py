@@ -212,7 +212,8 @@ class InstructSegModel(nn.Module):
         """Decoder prompts for one prompt whose answer is already in `input_ids` (B = 1): one teacher-forced pass.
         Returns exactly one object slot per [SEG] of the answer."""
         embeds = self.embed(inputs) if embeds is None else embeds
-        out = self.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask, output_hidden_states=True)
+        out = self.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask, output_hidden_states=True,
+                       logits_to_keep=1)  # only hidden states are needed: skip most of the LM head
         prompts = self.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
         return self._select(prompts, inputs.input_ids, features)
 
