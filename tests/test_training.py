@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -167,26 +168,18 @@ def test_cli_train_bad_recipe_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "recipe not found" in err[0]
 
 
-def test_zero3_with_mask2former_is_refused_with_a_clear_message(tmp_path, synth_root, capsys):
-    from instructseg.cli import main
-
-    recipe = _recipe(tmp_path, synth_root, deepspeed=str(REPO / "scripts/ds/zero3.json"))
-    text = recipe.read_text().replace("model: tiny", "model: tiny-m2f")
-    recipe.write_text(text)
-    assert main(["train", str(recipe)]) == 2
-    assert "ZeRO stage 3 is not supported yet with the mask2former decoder" in capsys.readouterr().err
-
-
 @pytest.mark.slow
-def test_two_ranks_zero3_train_and_export_loads(tmp_path, synth_root):
-    """ZeRO-3 partitions parameters across the ranks (scripts/ds/zero3.json keeps only those under 1e6 elements
-    whole); SAM2's own parameters are gathered through the decoder's module call."""
+@pytest.mark.parametrize("preset", ["tiny", "tiny-m2f"])
+def test_two_ranks_zero3_train_and_export_loads(tmp_path, synth_root, preset):
+    """ZeRO-3 partitions parameters across the ranks (scripts/ds/zero3.json keeps those under 1e6 elements whole,
+    after gathering them once); parameters read outside a module call are gathered through the decoder's."""
     from instructseg.model.instructseg import InstructSegModel
 
     recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2, deepspeed=str(REPO / "scripts/ds/zero3.json"))
+    recipe.write_text(recipe.read_text().replace("model: tiny", f"model: {preset}"))
     _train([str(recipe)], ranks=2)
     run = tmp_path / "run"
     assert [r["step"] for r in _log(run)] == [1, 2]
-    assert all(r["loss"] == r["loss"] for r in _log(run))  # finite, not NaN
+    assert all(math.isfinite(r["loss"]) for r in _log(run))
     model = InstructSegModel.from_pretrained(run / "final")
-    assert model.config.decoder.kind == "sam2"
+    assert model.config.decoder.kind == {"tiny": "sam2", "tiny-m2f": "mask2former"}[preset]

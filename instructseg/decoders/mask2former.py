@@ -128,8 +128,9 @@ class Mask2FormerDecoder(MaskDecoder):
         self.query_position = nn.Linear(hidden_dim, hidden_dim)  # per-slot positional embedding from its prompt
         self.transformer_decoder = Mask2FormerMaskedAttentionDecoder(m2f)
         self.score_projection = nn.Linear(hidden_dim, hidden_dim)
-        self.score_log_scale = nn.Parameter(torch.tensor(-0.5 * math.log(hidden_dim)))  # 1/sqrt(C) at init
-        self.score_bias = nn.Parameter(torch.zeros(()))
+        # shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters between ranks
+        self.score_log_scale = nn.Parameter(torch.full((1,), -0.5 * math.log(hidden_dim)))  # 1/sqrt(C) at init
+        self.score_bias = nn.Parameter(torch.zeros(1))
         nn.init.normal_(self.pixel_decoder.level_embed)  # transformers allocates it uninitialised
         for module in self.pixel_decoder.modules():
             if isinstance(module, Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
@@ -163,7 +164,17 @@ class Mask2FormerDecoder(MaskDecoder):
             extra={"multi_scale": multi_scale, "mask_features": pixel.mask_features},
         )
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        """The level embedding's table is read directly (its forward never runs)."""
+        return [self.level_embed.weight]
+
     def decode(self, features: FrameFeatures, prompts: Prompts) -> DecoderOutput:
+        """See `forward`; as a module call, so that DeepSpeed ZeRO-3 gathers this module's parameters for the
+        forward and, through hooks on the plain tensors returned, for the backward."""
+        masks, scores = self(features, prompts)
+        return DecoderOutput(mask_logits=masks, score_logits=scores)
+
+    def forward(self, features: FrameFeatures, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks and scores for each sample's object slots on its own frame.
 
         prompts.object_embeds (B, N, C) are the queries; padding slots (object_valid False) enter as zero vectors, so
@@ -196,7 +207,7 @@ class Mask2FormerDecoder(MaskDecoder):
         scores = torch.einsum("bnc,bc->bn", self.score_projection(q), prompts.text_embed)
         scores = scores * self.score_log_scale.exp() + self.score_bias
         scores = scores.masked_fill(~prompts.object_valid.bool(), PADDING_SCORE)
-        return DecoderOutput(mask_logits=mask_logits, score_logits=scores)
+        return mask_logits, scores
 
     def propagate(self, frame_at: Callable[[int], torch.Tensor], num_frames: int,
                   key_prompts: dict[int, Prompts], *, cached: dict[int, FrameFeatures] | None = None

@@ -72,7 +72,10 @@ class InstructSegModel(nn.Module):
         self.perceiver = ObjectAwarePerceiver(vision_width=self.vision.width, text_width=hidden, out_dim=hidden,
                                               dim=p.dim, num_latents=p.num_latents, layers=p.layers, heads=p.heads)
         # N learnable mask queries (mask2former); none for sam2 (a zero-size parameter breaks ZeRO-3)
-        self.mask_queries = nn.Parameter(torch.randn(num_queries, hidden) * 0.02) if num_queries else None
+        # (an Embedding, read through its forward: ZeRO-3 gathers parameters around module calls)
+        self.mask_queries = nn.Embedding(num_queries, hidden) if num_queries else None
+        if self.mask_queries is not None:
+            nn.init.normal_(self.mask_queries.weight, std=0.02)
         self.object_proj = _mlp(hidden, dim)
         f = config.fusion
         self.fusion = TextFusion(text_width=hidden, dim=dim, layers=f.layers, heads=f.heads,
@@ -119,7 +122,8 @@ class InstructSegModel(nn.Module):
         ovp = self.perceiver(refs, embeds, inputs.instruction_mask)
         slots = [(IMG, visual), (REF, ovp)]
         if self.config.decoder.num_queries:  # (config, not the parameter's shape: ZeRO-3 partitions it)
-            slots.append((MQ, self.mask_queries.expand(b, -1, -1)))
+            queries = self.mask_queries(torch.arange(self.config.decoder.num_queries, device=ids.device))
+            slots.append((MQ, queries.expand(b, -1, -1)))
         for token, values in slots:
             where = ids == self.token_ids[token]
             if int(where.sum()) != values.shape[0] * values.shape[1]:

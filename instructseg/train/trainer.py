@@ -75,16 +75,10 @@ def _schedule(warmup: int, total: int):
     return factor
 
 
-def _deepspeed_config(recipe: Recipe, world: int, cuda: bool, decoder: str) -> dict:
+def _deepspeed_config(recipe: Recipe, world: int, cuda: bool) -> dict:
     path = recipe.deepspeed_config_path()
     config = json.loads(path.read_text())
     config.setdefault("zero_optimization", {})
-    if config["zero_optimization"].get("stage") == 3 and decoder != "sam2":
-        # Known limitation: stage-3 backward fails inside DeepSpeed with the Mask2Former decoder ("cannot view
-        # Float as Byte"), cause not found yet. (The SAM2 decoder's problem was SAM2Base's own parameters, used
-        # outside any module forward: see SAM2Decoder.external_parameters.)
-        raise InputError(f"{path}: ZeRO stage 3 is not supported yet with the {decoder} decoder; "
-                         "use scripts/ds/zero2.json (or zero1.json)")
     config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
     config["gradient_accumulation_steps"] = recipe.train.grad_accum
     config["train_batch_size"] = recipe.train.batch_size * recipe.train.grad_accum * world
@@ -118,8 +112,10 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe.train.warmup_steps,
                                                                            recipe.train.steps))
-        ds_config = _deepspeed_config(recipe, self.world, self.cuda, model.config.decoder.kind)
+        ds_config = _deepspeed_config(recipe, self.world, self.cuda)
         if ds_config["zero_optimization"].get("stage") == 3:
+            # ZeRO-3 gathers a module's parameters around its calls (and, through hooks on the tensors it
+            # returns, for the backward): parameters read outside any module call must be declared
             for param in model.decoder.external_parameters():
                 deepspeed.zero.register_external_parameter(model.decoder, param)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
