@@ -227,11 +227,13 @@ def test_predictor_merges_the_adapter_and_saving_undoes_it(seg_model_dir, video_
     adapter apart (not merged twice), and the saved model answers exactly like the original."""
     from safetensors.torch import load_file
 
+    from instructseg.llm.lora import adapter_merged
+
     first = InstructSegPredictor(str(seg_model_dir))
-    assert any(getattr(m, "merged", False) for m in first.model.llm.modules())
+    assert adapter_merged(first.model.llm)
     before = first.segment(video_dir, "segment the red circle")
     first.model.save_pretrained(tmp_path / "again")
-    assert any(getattr(m, "merged", False) for m in first.model.llm.modules())  # merged again after saving
+    assert adapter_merged(first.model.llm)  # merged again after saving
     saved, original = (load_file(str(d / "adapter" / "adapter_model.safetensors"))
                        for d in (tmp_path / "again", seg_model_dir))
     assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)

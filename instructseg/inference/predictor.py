@@ -24,6 +24,7 @@ from instructseg.decoders.base import DecoderOutput, FrameFeatures, Prompts
 from instructseg.errors import InputError
 from instructseg.inference.io import FrameSource, open_source
 from instructseg.inference.results import Masklet, ResultWriter, SegmentationResult, encode_mask
+from instructseg.llm.lora import adapter_merged
 from instructseg.model.outputs import ModelInputs
 from instructseg.model.tokens import pad_prompts
 
@@ -75,7 +76,7 @@ class InstructSegPredictor:
 
             model = load_model(str(model), device=device)
         self.model = model.to(device).eval()
-        if hasattr(model.llm, "merge_adapter") and not any(getattr(m, "merged", False) for m in model.llm.modules()):
+        if hasattr(model.llm, "merge_adapter") and not adapter_merged(model.llm):
             # LoRA and the trainable [SEG] row folded into the LLM weights (same outputs to ~1e-6): unmerged, peft
             # rebuilds the whole embedding matrix on every LLM call, about half of an answer's time.
             # `model.llm.unmerge_adapter()` undoes it, e.g. to train the model again.

@@ -15,3 +15,8 @@ def apply_lora(model, cfg: LLMConfig, *, trainable_tokens: list[int]):
                       target_modules=list(cfg.lora_targets), trainable_token_indices=list(trainable_tokens),
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def adapter_merged(llm) -> bool:
+    """Whether an adapter is currently folded into `llm`'s weights (peft `merge_adapter`)."""
+    return any(getattr(module, "merged", False) for module in llm.modules())

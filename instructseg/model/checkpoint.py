@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from instructseg.config import ModelConfig, PRESETS, preset
 from instructseg.errors import InputError
+from instructseg.llm.lora import adapter_merged
 
 WEIGHTS = "model.safetensors"
 
@@ -38,7 +39,7 @@ def _own_tensors(model) -> dict[str, torch.Tensor]:
 def save_model(model, directory: Path, *, merge_lora: bool = False) -> None:
     """Write atomically: a temporary sibling directory renamed into place (an existing one is replaced). A model
     whose adapter a predictor merged for speed is saved unmerged (and merged again afterwards)."""
-    merged = any(getattr(m, "merged", False) for m in model.llm.modules())
+    merged = adapter_merged(model.llm)
     if merged:
         model.llm.unmerge_adapter()
     try:
