@@ -75,17 +75,13 @@ def iou(pred: np.ndarray, gt: np.ndarray) -> float:
 def segment_iou(predictor, case: Case, instruction: str, work: Path) -> float:
     path = work / "case.png"
     Image.fromarray(case.image).save(path)
-    result = predictor.segment(path, instruction)
-    pred = np.zeros(case.target.shape, dtype=bool)
-    for obj in result.objects:
-        pred |= obj.mask(0, result.height, result.width)
-    return iou(pred, case.target)
+    return iou(predictor.segment(path, instruction).masks(0).any(axis=0), case.target)
 
 
 def run(predictor, *, per_condition: int = 6) -> dict[str, float]:
     """{condition: mean IoU (or J&F / 100 for videos)} for every condition; see the module docstring."""
+    from instructseg.bench.infer import jf, run_mode
     from instructseg.bench.video import write_frames_dir
-    from instructseg.bench.infer import jf
 
     scores: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,10 +100,6 @@ def run(predictor, *, per_condition: int = 6) -> dict[str, float]:
                  for c in cases(per_condition, start=30_000, height=height, width=width)]))
         for frames in VIDEO_FRAMES:
             video = write_frames_dir(work / f"video{frames}", frames, 128, seed=3)
-            result = predictor.segment(video.path, video.instruction)
-            pred = np.zeros_like(video.gt)
-            for obj in result.objects:
-                for t in range(frames):
-                    pred[t] |= obj.mask(t, result.height, result.width)
+            _, _, pred, _ = run_mode(predictor, video, "propagate")
             scores[f"video: {frames} frames"] = jf(pred, video.gt) / 100
     return scores

@@ -78,7 +78,6 @@ def _schedule(warmup: int, total: int):
 def _deepspeed_config(recipe: Recipe, world: int, cuda: bool) -> dict:
     path = recipe.deepspeed_config_path()
     config = json.loads(path.read_text())
-    config.setdefault("zero_optimization", {})
     config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
     config["gradient_accumulation_steps"] = recipe.train.grad_accum
     config["train_batch_size"] = recipe.train.batch_size * recipe.train.grad_accum * world
@@ -113,7 +112,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe.train.warmup_steps,
                                                                            recipe.train.steps))
         ds_config = _deepspeed_config(recipe, self.world, self.cuda)
-        if ds_config["zero_optimization"].get("stage") == 3:
+        if ds_config.get("zero_optimization", {}).get("stage") == 3:
             # ZeRO-3 gathers a module's parameters around its calls (and, through hooks on the tensors it
             # returns, for the backward): parameters read outside any module call must be declared
             for param in model.decoder.external_parameters():
