@@ -59,7 +59,7 @@ def test_forward_backward_shapes(model, video):
             + out.score_logits[out.object_valid].sum() + out.text_embed.pow(2).mean())
     model.zero_grad()
     loss.backward(retain_graph=True)
-    for part in ("vision", "projector", "perceiver", "fusion", "decoder", "object_proj"):
+    for part in ("vision", "projector", "perceiver", "fusion", "decoder", "object_proj", "object_norm", "text_norm"):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(part + ".") and p.requires_grad]
         assert any(g is not None and g.abs().sum() > 0 for g in grads), part
     lora = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
@@ -325,3 +325,25 @@ def test_default_recipe_uses_the_default_architecture():
 
     recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "scripts/recipes/default.yaml").read_text())
     assert recipe["model"] == "smol" and recipe["model_overrides"] == DEFAULT_ARCH_OVERRIDES
+
+
+def test_prompt_norm_keeps_prompts_apart_and_leaves_padding_alone():
+    from instructseg.model.prompt_norm import PromptNorm
+
+    torch.manual_seed(0)
+    norm = PromptNorm(8).train()
+    shared = torch.randn(8) * 50  # a large component every prompt shares: what a collapsing projection produces
+    x = (shared + 0.1 * torch.randn(3, 2, 8)).requires_grad_()
+    valid = torch.tensor([[True, False], [True, True], [True, False]])
+    out = norm(x, valid)
+    rows = out[valid]
+    assert torch.nn.functional.cosine_similarity(x[valid][0], x[valid][1], dim=0) > 0.99
+    assert rows.mean(0).abs().max() < 1e-3 and (rows.std(0, unbiased=False) - 1).abs().max() < 1e-2
+    assert torch.equal(out[~valid], x[~valid])  # padding slots pass through
+    out[valid].sum().backward()  # the shared direction gets no gradient through the batch statistics
+    assert x.grad[valid].sum(0).abs().max() < 1e-3
+    assert norm.running_mean.abs().max() > 1  # running statistics learnt from the batch
+    one = torch.zeros(1, 1, 8)
+    out_one = norm(one, torch.tensor([[True]]))  # a single prompt in training: running statistics, no error
+    norm.eval()
+    torch.testing.assert_close(out_one, norm(one, torch.tensor([[True]])))

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from instructseg.model.checkpoint import load_model
 
-COMPONENTS = ("vision", "projector", "perceiver", "mask_queries", "llm", "object_proj", "fusion", "decoder")
+COMPONENTS = ("vision", "projector", "perceiver", "mask_queries", "llm", "object_proj", "fusion", "object_norm",
+              "text_norm", "decoder")
 
 
 def parameter_table(model) -> list[tuple[str, int, int, str]]:

@@ -21,6 +21,7 @@ from instructseg.llm.lora import apply_lora
 from instructseg.model.fusion import TextFusion
 from instructseg.model.outputs import Generation, InstructSegOutput, ModelInputs
 from instructseg.model.perceiver import ObjectAwarePerceiver
+from instructseg.model.prompt_norm import PromptNorm
 from instructseg.model.state_norm import StateNorm
 from instructseg.model.tokens import IMG, MQ, REF, SEG, PromptLayout
 from instructseg.model.vision import VisionEncoder
@@ -80,6 +81,7 @@ class InstructSegModel(nn.Module):
         f = config.fusion
         self.fusion = TextFusion(text_width=hidden, dim=dim, layers=f.layers, heads=f.heads,
                                  max_detail_tokens=f.max_detail_tokens)
+        self.object_norm, self.text_norm = PromptNorm(dim), PromptNorm(dim)  # prompts cannot collapse
         self.state_norm = StateNorm(hidden)  # loaded with the weights, or calibrated on the base LLM now
         if load_pretrained:
             self.state_norm.calibrate(self.llm, self.tokenizer)
@@ -147,8 +149,9 @@ class InstructSegModel(nn.Module):
         slots = hidden.new_zeros(b, n, hidden.shape[-1])
         valid = torch.arange(n, device=hidden.device)[None] < counts[:, None]
         slots = slots.masked_scatter(valid[..., None], hidden[where])
-        text = self.fusion(hidden.to(features.tokens.dtype), instruction_mask, features.tokens)
-        return Prompts(object_embeds=self.object_proj(slots.to(text.dtype)), object_valid=valid, text_embed=text)
+        text = self.text_norm(self.fusion(hidden.to(features.tokens.dtype), instruction_mask, features.tokens))
+        objects = self.object_norm(self.object_proj(slots.to(text.dtype)), valid)
+        return Prompts(object_embeds=objects, object_valid=valid, text_embed=text)
 
     # -- forward / generate ---------------------------------------------------------------------------------
     def forward(self, inputs: ModelInputs, *, track: bool | None = None) -> InstructSegOutput:
@@ -244,7 +247,7 @@ def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, st
         config.vision.pretrained and load_pretrained) else "random init"
     decoder = f"pretrained ({config.decoder.checkpoint})" if config.decoder.checkpoint else "random init"
     sources = {"llm": llm, "lora": "new (no adapter loaded)", "vision": vision, "decoder": decoder}
-    for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion"):
+    for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion", "object_norm", "text_norm"):
         sources[part] = "random init"
     sources["state_norm"] = "calibrated on the base LLM" if load_pretrained else "not calibrated"
     return sources
