@@ -79,8 +79,6 @@ def test_raw_sam2_is_the_decoders_sam2_as_video_predictor(tmp_path):
 
 
 def test_bench_infer_writes_every_key(tmp_path, seg_model_dir, capsys):
-    from instructseg.inference.predictor import DEFAULT_KEY_FRAMES
-
     out = tmp_path / "infer.json"
     frames = 6
     assert main(["bench", "infer", "--model", str(seg_model_dir), "--frames", str(frames), "--size", "64",
@@ -89,7 +87,7 @@ def test_bench_infer_writes_every_key(tmp_path, seg_model_dir, capsys):
     for key in INFER_KEYS:
         assert key in data, key
     assert data["objects_found"] == 1
-    assert data["llm_calls_propagate"] == DEFAULT_KEY_FRAMES
+    assert data["llm_calls_propagate"] == 1  # one answer prompts every key frame
     assert data["llm_calls_per_frame"] == 1 + frames  # the answer, then one conditioning pass per frame
     for key in ("propagate_s", "per_frame_s", "sam2_raw_s"):
         assert data[key] > 0

@@ -219,6 +219,11 @@ def test_generate_prompts_match_a_teacher_forced_pass(model, ending):
     assert gen.num_objects == 1
     torch.testing.assert_close(gen.prompts.object_embeds, forced.object_embeds, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gen.prompts.text_embed, forced.text_embed, atol=1e-4, rtol=1e-4)
+    # another key frame from the same states: the same objects, E_v re-fused with that frame's features
+    other = model.decoder.encode(torch.rand_like(inputs.frames))
+    again = model.prompts_for(gen.states, other)
+    torch.testing.assert_close(again.object_embeds, gen.prompts.object_embeds)
+    assert not torch.allclose(again.text_embed, gen.prompts.text_embed, atol=1e-4)
 
 
 def test_state_norm_standardises_the_llm_states_it_was_calibrated_on():

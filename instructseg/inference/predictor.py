@@ -1,9 +1,10 @@
 """InstructSegPredictor: chat with an image or a video, get the answer text and one masklet per referred object.
 
 Modes for video:
-- `propagate` (default): the LLM answers on the first of K uniformly spaced key frames; the answer conditions the
-  other key frames with one teacher-forced pass each; SAM2 memory propagates the key-frame masks to every frame,
-  forwards and backwards (Sa2VA-i: uniform key frames). Each frame is encoded by the decoder once.
+- `propagate` (default): the LLM answers once, on the first of K uniformly spaced key frames; its hidden states
+  prompt every key frame (object embeddings as they are, VMTF re-fused with each key frame's features); SAM2 memory
+  propagates the key-frame masks to every frame, forwards and backwards (Sa2VA-i: uniform key frames). One LLM call
+  per video; each frame is encoded by the decoder once.
 - `per-frame`: InstructSeg's protocol, the baseline: every frame goes through the LLM with its reference frames
   and is decoded on its own.
 Results stream frame by frame (`stream`), so a long video never holds all frames or all masks in memory.
@@ -142,21 +143,18 @@ class InstructSegPredictor:
         if key_frames is not None and key_frames < 1:
             raise InputError(f"--key-frames {key_frames}: must be at least 1")
         keys = uniform_key_frames(len(frames), key_frames or DEFAULT_KEY_FRAMES) if frames.is_video else [0]
-        llm_calls = 1
         first = self._inputs(frames, keys[0], instruction, None, history)
         with torch.inference_mode():
             gen = self.model.generate(first)
             prompts, features = {keys[0]: gen.prompts}, {keys[0]: gen.features}
             if gen.num_objects and mode == "propagate":
-                for t in keys[1:]:
-                    inputs = self._inputs(frames, t, instruction, gen.raw_text, history)
-                    features[t] = self.model.decoder.encode(inputs.frames)
-                    prompts[t] = self.model.condition(inputs, features[t])
-                    llm_calls += 1
+                for t in keys[1:]:  # the answer's states prompt every key frame: no further LLM call
+                    features[t] = self.model.decoder.encode(self._tensor(frames, t)[None])
+                    prompts[t] = self.model.prompts_for(gen.states, features[t])
         for t, refinement in (refinements or {}).items():
             prompts[t] = self._refine(frames, prompts, t, refinement, gen.num_objects)
         return Answer(text=gen.text, raw_text=gen.raw_text, num_objects=gen.num_objects, key_prompts=prompts,
-                      llm_calls=llm_calls, key_features=features)
+                      llm_calls=1, key_features=features)
 
     def _inputs(self, frames: FrameSource, t: int, instruction: str, answer: str | None,
                 history: list[tuple[str, str]]) -> ModelInputs:

@@ -19,7 +19,7 @@ from instructseg.decoders.base import FrameFeatures, MaskDecoder, Prompts
 from instructseg.llm.loading import load_causal_lm, load_tokenizer
 from instructseg.llm.lora import apply_lora
 from instructseg.model.fusion import TextFusion
-from instructseg.model.outputs import Generation, InstructSegOutput, ModelInputs
+from instructseg.model.outputs import Generation, InstructSegOutput, ModelInputs, SequenceStates
 from instructseg.model.perceiver import ObjectAwarePerceiver
 from instructseg.model.prompt_norm import PromptNorm
 from instructseg.model.state_norm import StateNorm
@@ -201,28 +201,35 @@ class InstructSegModel(nn.Module):
         # never fed back, which matters only when it is a [SEG] (generation stopped by max_new_tokens)
         hidden = torch.cat([step[-1] for step in out.hidden_states], dim=1)
         if new.shape[1] and new[0, -1] == self.token_ids[SEG]:
-            full_embeds = torch.cat([embeds, self.llm.get_input_embeddings()(new)], dim=1)
-            prompts = self.condition(full, features, embeds=full_embeds)
+            states = self.states(full, embeds=torch.cat([embeds, self.llm.get_input_embeddings()(new)], dim=1))
         else:
             hidden = F.pad(hidden, (0, 0, 0, full.input_ids.shape[1] - hidden.shape[1]))
-            prompts = self._select(self.prompts(hidden, full.input_ids, full.instruction_mask, features),
-                                   full.input_ids, features)
+            states = SequenceStates(hidden, full.input_ids, full.instruction_mask)
+        prompts = self.prompts_for(states, features)
         raw = self.tokenizer.decode(new[0], skip_special_tokens=False)
         raw = raw.split(self.tokenizer.eos_token)[0] if self.tokenizer.eos_token else raw
         text = " ".join(raw.replace(SEG, " ").split())
         return Generation(text=text, raw_text=raw.strip(), num_objects=prompts.object_embeds.shape[1],
-                          prompts=prompts, features=features)
+                          prompts=prompts, features=features, states=states)
 
     @torch.no_grad()
-    def condition(self, inputs: ModelInputs, features: FrameFeatures, *, embeds: torch.Tensor | None = None
-                  ) -> Prompts:
-        """Decoder prompts for one prompt whose answer is already in `input_ids` (B = 1): one teacher-forced pass.
-        Returns exactly one object slot per [SEG] of the answer."""
+    def states(self, inputs: ModelInputs, *, embeds: torch.Tensor | None = None) -> SequenceStates:
+        """One teacher-forced pass over a prompt whose answer is already in `input_ids` (B = 1)."""
         embeds = self.embed(inputs) if embeds is None else embeds
         out = self.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask, output_hidden_states=True,
                        logits_to_keep=1)  # only hidden states are needed: skip most of the LM head
-        prompts = self.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
-        return self._select(prompts, inputs.input_ids, features)
+        return SequenceStates(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask)
+
+    @torch.no_grad()
+    def prompts_for(self, states: SequenceStates, features: FrameFeatures) -> Prompts:
+        """Decoder prompts on the frame of `features` (B = 1): exactly one object slot per [SEG] of the answer.
+        The object embeddings depend on the states only; VMTF fuses the instruction with this frame's features."""
+        prompts = self.prompts(states.hidden, states.input_ids, states.instruction_mask, features)
+        return self._select(prompts, states.input_ids, features)
+
+    def condition(self, inputs: ModelInputs, features: FrameFeatures) -> Prompts:
+        """Decoder prompts for one prompt whose answer is already in `input_ids` (B = 1), on its own key frame."""
+        return self.prompts_for(self.states(inputs), features)
 
     def _select(self, prompts: Prompts, input_ids: torch.Tensor, features: FrameFeatures) -> Prompts:
         """Exactly one object slot per [SEG] of the sequence (B = 1)."""

@@ -69,6 +69,19 @@ class InstructSegOutput:
 
 
 @dataclass
+class SequenceStates:
+    """The LLM's last hidden states over a prompt with its answer (B = 1): everything the decoder prompts of any
+    frame are built from (`InstructSegModel.prompts_for`), so several key frames need one LLM call.
+
+    hidden: (1, L, H). input_ids: (1, L) long. instruction_mask: (1, L) bool.
+    """
+
+    hidden: torch.Tensor
+    input_ids: torch.Tensor
+    instruction_mask: torch.Tensor
+
+
+@dataclass
 class Generation:
     """A generated answer for one prompt (B = 1).
 
@@ -76,6 +89,7 @@ class Generation:
     num_objects: how many [SEG] tokens the answer holds (each is one object).
     prompts:     decoder prompts with exactly `num_objects` object slots (B = 1).
     features:    the key frame's decoder features, reusable for decoding.
+    states:      the hidden states the prompts came from: prompts for other frames without another LLM call.
     """
 
     text: str
@@ -83,3 +97,4 @@ class Generation:
     num_objects: int
     prompts: Prompts
     features: FrameFeatures
+    states: SequenceStates
