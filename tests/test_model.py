@@ -105,6 +105,8 @@ def test_save_load_round_trip_identical(model, tmp_path):
     model.save_pretrained(tmp_path / "m")
     files = {p.name for p in (tmp_path / "m").iterdir()}
     assert {"config.json", "model.safetensors", "adapter", "tokenizer", "llm"} <= files
+    assert sorted(p.name for p in (tmp_path / "m" / "adapter").iterdir()) == ["adapter_config.json",
+                                                                             "adapter_model.safetensors"]
     loaded = InstructSegModel.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
         after = loaded(inputs)

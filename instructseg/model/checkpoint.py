@@ -64,6 +64,7 @@ def _save_model(model, directory: Path, *, merge_lora: bool) -> None:
         has_lora = False
     elif has_lora:
         llm.save_pretrained(tmp / "adapter", save_embedding_layers=False)  # new rows are rebuilt on load
+        (tmp / "adapter" / "README.md").unlink(missing_ok=True)  # peft's generated model card template
         llm = copy.deepcopy(llm).unload() if own_llm else None
     if own_llm or not (config.llm.use_lora == has_lora):
         llm.save_pretrained(tmp / "llm")
