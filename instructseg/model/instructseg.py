@@ -8,6 +8,7 @@ visual features into E_v. The decoder turns those prompts into masks.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -208,7 +209,7 @@ class InstructSegModel(nn.Module):
         prompts = self.prompts_for(states, features)
         raw = self.tokenizer.decode(new[0], skip_special_tokens=False)
         raw = raw.split(self.tokenizer.eos_token)[0] if self.tokenizer.eos_token else raw
-        text = " ".join(raw.replace(SEG, " ").split())
+        text = re.sub(r"[\s,]+([.!?])", r"\1", " ".join(raw.replace(SEG, " ").split()))  # "Sure, [SEG]." -> "Sure."
         return Generation(text=text, raw_text=raw.strip(), num_objects=prompts.object_embeds.shape[1],
                           prompts=prompts, features=features, states=states)
 
