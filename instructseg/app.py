@@ -315,7 +315,7 @@ def launch(args) -> int:
     _check_limits(args.max_upload_mb, args.max_frames)  # before the model loads
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available here (use --device cpu)")
-    predictor = InstructSegPredictor(args.model, device=args.device)
+    predictor = InstructSegPredictor(args.model, device=args.device, llm_dtype=args.llm_dtype)
     demo = build_app(predictor, max_upload_mb=args.max_upload_mb, max_frames=args.max_frames)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"instructseg: serving on {args.host}: anyone who can reach this machine can use the demo")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from instructseg.errors import InputError
+from instructseg.llm.precision import LLM_DTYPES
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -105,7 +106,7 @@ def _predictor(args: argparse.Namespace):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available here (use --device cpu)")
-    return InstructSegPredictor(args.model, device=args.device)
+    return InstructSegPredictor(args.model, device=args.device, llm_dtype=args.llm_dtype)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -149,6 +150,12 @@ def _size(text: str) -> tuple[int, int]:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="preset (default, tiny, smol) or a saved model directory")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    _llm_dtype_arg(p)
+
+
+def _llm_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--llm-dtype", default="auto", choices=LLM_DTYPES,
+                   help="the LLM's precision (auto: bfloat16 where the CPU or GPU has it natively)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--output", required=True)
         r.add_argument("--model", default=None, help="preset or saved model dir to run")
         r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        _llm_dtype_arg(r)
         r.add_argument("--mode", default="propagate", choices=["propagate", "per-frame"])
         r.add_argument("--key-frames", type=int, default=None)
         r.add_argument("--limit", type=int, default=None, help="only the first N expressions / sentences")

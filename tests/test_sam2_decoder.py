@@ -1,11 +1,11 @@
-"""The SAM2 decoder: image decode, memory propagation in both directions, and the re-anchoring rule."""
+"""The SAM2 decoder: image decode, memory propagation in both directions, and re-detection on tracked frames."""
 from __future__ import annotations
 
 import torch
 
 from instructseg.config import DecoderConfig
 from instructseg.decoders.base import DecoderOutput, Prompts
-from instructseg.decoders.sam2 import Reanchor, SAM2Decoder
+from instructseg.decoders.sam2 import Redetect, SAM2Decoder
 
 
 def _decoder() -> SAM2Decoder:
@@ -40,24 +40,34 @@ def test_key_frame_output_equals_image_decode():
     torch.testing.assert_close(key.mask_logits, image.mask_logits)
 
 
-def test_reanchor_rule():
-    rule = Reanchor(min_score=0.8, max_iou=0.1)
-    empty = torch.full((1, 1, 8, 8), -5.0)
-    blob = empty.clone()
-    blob[..., 2:6, 2:6] = 5.0
-    confident, unsure = torch.tensor([[3.0]]), torch.tensor([[0.0]])
-    assert rule.disagrees(empty, DecoderOutput(blob, confident))  # the tracker lost a clearly visible object
-    assert not rule.disagrees(blob, DecoderOutput(blob, confident))  # agreement
-    assert not rule.disagrees(empty, DecoderOutput(blob, unsure))  # the memory-free decode is not sure
-    assert not rule.disagrees(blob, DecoderOutput(empty, confident))  # nothing to re-anchor on
-
-
-def test_reanchoring_makes_a_frame_a_conditioning_frame():
-    decoder, frames = _decoder(), torch.rand(6, 3, 64, 64)
-    always = Reanchor(min_score=0.0, max_iou=1.01, every=1)  # every tracked frame disagrees
+def test_redetect_with_a_zero_threshold_decodes_every_tracked_frame_without_memory():
+    decoder, frames, prompts = _decoder(), torch.rand(6, 3, 64, 64), _prompts()
+    always = Redetect(min_score=0.0)
     with torch.no_grad():
-        list(decoder.propagate(lambda i: frames[i:i + 1], 6, {0: _prompts()}, reanchor=always))
+        out = dict(decoder.propagate(lambda i: frames[i:i + 1], 6, {0: prompts}, redetect=always))
+        free = {t: decoder.decode(decoder.encode(frames[t:t + 1]), prompts) for t in range(1, 6)}
     assert always.frames == [1, 2, 3, 4, 5]
+    for t in range(1, 6):
+        torch.testing.assert_close(out[t].mask_logits, free[t].mask_logits)
+        torch.testing.assert_close(out[t].score_logits, free[t].score_logits)
+
+
+def test_redetect_keeps_the_tracked_mask_of_an_object_it_does_not_find():
+    decoder, frames, prompts = _decoder(), torch.rand(2, 3, 64, 64), _prompts()
+    with torch.no_grad():
+        tracked = dict(decoder.propagate(lambda i: frames[i:i + 1], 2, {0: prompts}))[1]
+        free = decoder.decode(decoder.encode(frames[1:2]), prompts)
+        p = free.score_logits[0].sigmoid()
+        assert abs(float(p[0] - p[1])) > 1e-5
+        found = int(p.argmax())
+        rule = Redetect(min_score=float(p.mean()))  # finds exactly one of the two objects
+        mixed = dict(decoder.propagate(lambda i: frames[i:i + 1], 2, {0: prompts}, redetect=rule))[1]
+        never = dict(decoder.propagate(lambda i: frames[i:i + 1], 2, {0: prompts}, redetect=Redetect(1.01)))[1]
+    assert rule.frames == [1]
+    torch.testing.assert_close(mixed.mask_logits[0, found], free.mask_logits[0, found])
+    torch.testing.assert_close(mixed.mask_logits[0, 1 - found], tracked.mask_logits[0, 1 - found])
+    torch.testing.assert_close(never.mask_logits, tracked.mask_logits)
+    assert not torch.allclose(tracked.mask_logits[0, found], free.mask_logits[0, found])
 
 
 def test_cached_key_frame_features_are_used_instead_of_reading_the_frame():
@@ -75,11 +85,3 @@ def test_cached_key_frame_features_are_used_instead_of_reading_the_frame():
     assert sorted(calls) == [0, 2, 3, 4] and cached == {}
     for t in range(5):
         torch.testing.assert_close(reused[t].mask_logits, plain[t].mask_logits)
-
-
-def test_reanchor_checks_every_nth_frame_from_the_nearest_key():
-    decoder, frames = _decoder(), torch.rand(9, 3, 64, 64)
-    always = Reanchor(min_score=0.0, max_iou=1.01, every=3)
-    with torch.no_grad():
-        list(decoder.propagate(lambda i: frames[i:i + 1], 9, {2: _prompts()}, reanchor=always))
-    assert always.frames == [5, 8]  # 3 and 6 frames after key 2; backwards 1, 0 are 1 and 2 away

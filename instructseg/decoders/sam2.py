@@ -104,6 +104,14 @@ class SAM2Decoder(MaskDecoder):
     # -- images / key frames ----------------------------------------------------------------------------------
     def _decode(self, features: FrameFeatures, prompts: Prompts) -> DecoderOutput:
         b, n = prompts.object_valid.shape
+        out = self._heads(features, prompts)
+        masks, scores = out["pred_masks_high_res"], out["object_score_logits"]
+        return _output(masks.view(b, n, *masks.shape[-2:]), scores.view(b, n), prompts.object_valid)
+
+    def _heads(self, features: FrameFeatures, prompts: Prompts) -> dict:
+        """SAM2's mask heads on one frame without memory, one row per (sample, object) slot; a dict with the keys
+        of a `track_step` output (no memory encoding)."""
+        b, n = prompts.object_valid.shape
         rows = torch.arange(b, device=features.tokens.device).repeat_interleave(n)
         feats, _, sizes = self._sam_inputs(features.select(rows))
         pix = feats[-1]
@@ -113,8 +121,8 @@ class SAM2Decoder(MaskDecoder):
         high_res = [f.permute(1, 2, 0).reshape(b * n, -1, *s) for f, s in zip(feats[:-1], sizes[:-1])]
         out = self.sam._forward_sam_heads(pix, point_inputs=self._prompt(features, prompts),
                                           high_res_features=high_res, multimask_output=False)
-        masks, scores = out[4], out[6]
-        return _output(masks.view(b, n, *masks.shape[-2:]), scores.view(b, n), prompts.object_valid)
+        return {"pred_masks": out[3], "pred_masks_high_res": out[4], "obj_ptr": out[5],
+                "object_score_logits": out[6]}
 
     # -- clips in training: the key frame conditions SAM2's memory, which tracks its objects -------------------
     def _track(self, key_features: FrameFeatures, prompts: Prompts, ref_frames: torch.Tensor
@@ -140,43 +148,49 @@ class SAM2Decoder(MaskDecoder):
     # -- video ------------------------------------------------------------------------------------------------
     def propagate(self, frame_at: Callable[[int], torch.Tensor], num_frames: int,
                   key_prompts: dict[int, Prompts], *, cached: dict[int, FrameFeatures] | None = None,
-                  reanchor: "Reanchor | None" = None) -> Iterator[tuple[int, DecoderOutput]]:
-        """See `MaskDecoder.propagate`. With `reanchor` (tracking-bias correction, SAMWISE), every `reanchor.every`-th
-        tracked frame (counted from the nearest key frame) is also decoded without memory using that key frame's
-        prompts; where that decode is confident and the tracked mask strongly disagrees with it, the frame becomes
-        a conditioning frame (the objects re-anchor) and is listed in `reanchor.frames`."""
+                  redetect: "Redetect | None" = None) -> Iterator[tuple[int, DecoderOutput]]:
+        """See `MaskDecoder.propagate`. With `redetect`, the nearest key frame's prompts are also decoded without
+        memory on every tracked frame: an object that decode finds with probability >= `redetect.min_score`
+        takes its mask there (and SAM2's memory of that frame is encoded from it); the others keep the mask SAM2's
+        memory tracked. A frame where every object is found costs no memory attention at all. The frames where
+        at least one object was re-detected are listed in `redetect.frames`."""
         keys = sorted(key_prompts)
         n = key_prompts[keys[0]].object_valid.shape[1]
+        valid = key_prompts[keys[0]].object_valid
         memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
 
         def step(t: int, prompt: Prompts | None, reverse: bool) -> DecoderOutput:
             features = self.features_at(t, frame_at, cached)
-            out = track(t, features, prompt, reverse)
-            key = min(keys, key=lambda k: (abs(k - t), k))
-            if prompt is None and reanchor is not None and abs(t - key) % reanchor.every == 0:
-                free = self.decode(features, key_prompts[key])
-                if reanchor.disagrees(out["pred_masks_high_res"].view(1, n, *free.mask_logits.shape[-2:]), free):
-                    memory["non_cond_frame_outputs"].pop(t, None)
-                    out = track(t, features, key_prompts[key], reverse)
-                    reanchor.frames.append(t)
-            valid = key_prompts[keys[0]].object_valid
-            return _output(out["pred_masks_high_res"].view(1, n, *out["pred_masks_high_res"].shape[-2:]),
-                           out["object_score_logits"].view(1, n), valid)
-
-        def track(t: int, features: FrameFeatures, prompt: Prompts | None, reverse: bool) -> dict:
             feats, pos, sizes = self._sam_inputs(features.select([0] * n))
+            if prompt is not None or redetect is None:
+                out = track(t, feats, pos, sizes, features, prompt, reverse)
+            else:
+                key = min(keys, key=lambda k: (abs(k - t), k))
+                free = self._heads(features, key_prompts[key])
+                found = free["object_score_logits"][:, 0].sigmoid() >= redetect.min_score  # (N,)
+                out = free if bool(found.all()) else track(t, feats, pos, sizes, features, None, reverse)
+                if bool(found.any()):
+                    if out is not free:
+                        out = {k: torch.where(found.view(-1, *[1] * (free[k].dim() - 1)), free[k], out[k])
+                               for k in free}
+                    out["maskmem_features"], out["maskmem_pos_enc"] = self.sam._encode_new_memory(
+                        current_vision_feats=feats, feat_sizes=sizes, pred_masks_high_res=out["pred_masks_high_res"],
+                        object_score_logits=out["object_score_logits"], is_mask_from_pts=False)
+                    redetect.frames.append(t)
+            memory["cond_frame_outputs" if prompt is not None else "non_cond_frame_outputs"][t] = _compact(out)
+            masks = out["pred_masks_high_res"]
+            return _output(masks.view(1, n, *masks.shape[-2:]), out["object_score_logits"].view(1, n), valid)
+
+        def track(t: int, feats, pos, sizes, features: FrameFeatures, prompt: Prompts | None, reverse: bool) -> dict:
             inputs = masks = None
             if prompt is not None and prompt.mask_inputs is not None:  # a given mask is this frame's output
                 masks = prompt.mask_inputs.reshape(n, 1, *prompt.mask_inputs.shape[-2:])
             elif prompt is not None:
                 inputs = self._prompt(features, prompt)
-            out = self.sam.track_step(frame_idx=t, is_init_cond_frame=prompt is not None,
-                                      current_vision_feats=feats, current_vision_pos_embeds=pos,
-                                      feat_sizes=sizes, point_inputs=inputs, mask_inputs=masks,
-                                      output_dict=memory, num_frames=num_frames, track_in_reverse=reverse)
-            kind = "cond_frame_outputs" if prompt is not None else "non_cond_frame_outputs"
-            memory[kind][t] = _compact(out)
-            return out
+            return self.sam.track_step(frame_idx=t, is_init_cond_frame=prompt is not None,
+                                       current_vision_feats=feats, current_vision_pos_embeds=pos,
+                                       feat_sizes=sizes, point_inputs=inputs, mask_inputs=masks,
+                                       output_dict=memory, num_frames=num_frames, track_in_reverse=reverse)
 
         for t in keys:
             yield t, step(t, key_prompts[t], reverse=False)
@@ -195,23 +209,13 @@ class SAM2Decoder(MaskDecoder):
 
 
 @dataclass
-class Reanchor:
-    """When to re-anchor a tracked object: the memory-free decode sees it with probability >= `min_score` and the
-    tracked mask overlaps that decode with IoU < `max_iou` (the tracker drifted or lost it). The check runs on
-    every `every`-th frame from the nearest key frame (a drift is caught within `every` frames at 1/`every` of the
-    cost). `frames` collects the frames that were re-anchored (one Reanchor per propagation)."""
+class Redetect:
+    """Prompt every tracked frame again (see `SAM2Decoder.propagate`): an object the memory-free decode finds with
+    probability >= `min_score` takes that decode's mask. `frames` collects the frames where at least one object
+    was re-detected (one Redetect per propagation)."""
 
-    min_score: float = 0.8
-    max_iou: float = 0.1
-    every: int = 4
+    min_score: float = 0.5
     frames: list[int] = field(default_factory=list)
-
-    def disagrees(self, tracked: torch.Tensor, free: DecoderOutput) -> bool:
-        a, b = tracked[0] > 0, free.mask_logits[0] > 0  # (N, S, S)
-        inter = (a & b).flatten(1).sum(1).float()
-        union = (a | b).flatten(1).sum(1).float().clamp(min=1)
-        confident = free.score_logits[0].sigmoid() >= self.min_score
-        return bool((confident & b.flatten(1).any(1) & (inter / union < self.max_iou)).any())
 
 
 def _compact(out: dict) -> dict:

@@ -278,7 +278,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         if pending:
             from instructseg.inference.predictor import InstructSegPredictor
 
-            predictor = InstructSegPredictor(args.model, device=_device(args, local_rank, world))
+            predictor = InstructSegPredictor(args.model, device=_device(args, local_rank, world),
+                                             llm_dtype=args.llm_dtype)
             desc = f"{evaluator.name}" + (f" [rank 0/{world}]" if world > 1 else "")
             bar = _progress(len(mine), len(mine) - len(pending), desc, unit, enabled=rank == 0)
             try:

@@ -26,6 +26,7 @@ from instructseg.errors import InputError
 from instructseg.inference.io import FrameSource, open_source
 from instructseg.inference.results import Masklet, ResultWriter, SegmentationResult, encode_mask
 from instructseg.llm.lora import adapter_merged
+from instructseg.llm.precision import cast_base_weights, inference_dtype
 from instructseg.model.outputs import ModelInputs
 from instructseg.model.tokens import pad_prompts
 
@@ -69,7 +70,7 @@ class Answer:
 class InstructSegPredictor:
     """`InstructSegPredictor("default")` or `InstructSegPredictor(model)`; see the module docstring for modes."""
 
-    def __init__(self, model="default", *, device: str = "cpu", reanchor: bool = True):
+    def __init__(self, model="default", *, device: str = "cpu", redetect: bool = True, llm_dtype: str = "auto"):
         from instructseg.model.instructseg import InstructSegModel
 
         if not isinstance(model, InstructSegModel):
@@ -83,9 +84,13 @@ class InstructSegPredictor:
             # `model.llm.unmerge_adapter()` undoes it, e.g. to train the model again.
             model.llm.merge_adapter()
         self.device = torch.device(device)
+        # the LLM in bfloat16 where the hardware has it (2x+ faster answers, object embeddings within ~1e-4 cosine);
+        # "auto" keeps float32 for LLM weights that only exist in this model (random init, or saved with it)
+        reloadable = not model.config.llm.saved_with_model
+        cast_base_weights(model.llm, inference_dtype(llm_dtype, self.device, reloadable=reloadable))
         self.size = model.decoder.image_size
         self.num_ref = model.config.perceiver.num_ref_frames
-        self.reanchor = reanchor
+        self.redetect = redetect
 
     # -- public API -----------------------------------------------------------------------------------------
     def start(self, source) -> "ChatSession":
@@ -186,10 +191,10 @@ class InstructSegPredictor:
                 outputs = self._per_frame(frames, answer, instruction, history)
             elif frames.is_video:
                 kwargs = {"cached": dict(answer.key_features)}  # a copy: the answer may be propagated again
-                if self.reanchor and self.model.config.decoder.kind == "sam2":
-                    from instructseg.decoders.sam2 import Reanchor
+                if self.redetect and self.model.config.decoder.kind == "sam2":
+                    from instructseg.decoders.sam2 import Redetect
 
-                    kwargs["reanchor"] = Reanchor()
+                    kwargs["redetect"] = Redetect()
                 outputs = self.model.decoder.propagate(frame_at, len(frames), answer.key_prompts, **kwargs)
             else:
                 features = self.model.decoder.features_at(0, frame_at, dict(answer.key_features))

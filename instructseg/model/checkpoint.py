@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from instructseg.config import ModelConfig, PRESETS, preset
 from instructseg.errors import InputError
 from instructseg.llm.lora import adapter_merged
+from instructseg.llm.precision import check_saveable
 
 WEIGHTS = "model.safetensors"
 
@@ -51,6 +52,9 @@ def save_model(model, directory: Path, *, merge_lora: bool = False) -> None:
 
 def _save_model(model, directory: Path, *, merge_lora: bool) -> None:
     directory = Path(directory)
+    own_llm = model.config.llm.saved_with_model
+    if own_llm or (merge_lora and model.config.llm.use_lora):  # the LLM's weights are written
+        check_saveable(model.llm)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     config = copy.deepcopy(model.config)
@@ -58,7 +62,6 @@ def _save_model(model, directory: Path, *, merge_lora: bool) -> None:
     model.tokenizer.save_pretrained(tmp / "tokenizer")
     llm = model.llm
     has_lora = config.llm.use_lora
-    own_llm = config.llm.random_init or config.llm.source == "llm"  # random, or already saved with a model
     if merge_lora and has_lora:
         llm = copy.deepcopy(llm).merge_and_unload()
         has_lora = False

@@ -122,7 +122,7 @@ class InstructSegModel(nn.Module):
             refs = key[:, None].expand(b, self.config.perceiver.num_ref_frames, *key.shape[1:])
         else:
             refs = self.visual_tokens(inputs.ref_frames.flatten(0, 1)).unflatten(0, inputs.ref_frames.shape[:2])
-        ovp = self.perceiver(refs, embeds, inputs.instruction_mask)
+        ovp = self.perceiver(refs, embeds.to(refs.dtype), inputs.instruction_mask)  # (the LLM may run in bf16)
         slots = [(IMG, visual), (REF, ovp)]
         if self.config.decoder.num_queries:  # (config, not the parameter's shape: ZeRO-3 partitions it)
             queries = self.mask_queries(torch.arange(self.config.decoder.num_queries, device=ids.device))
@@ -139,7 +139,7 @@ class InstructSegModel(nn.Module):
     def prompts(self, hidden: torch.Tensor, input_ids: torch.Tensor, instruction_mask: torch.Tensor,
                 features: FrameFeatures) -> Prompts:
         """Decoder prompts from the last hidden states (B, L, hidden) of a full sequence."""
-        hidden = self.state_norm(hidden)
+        hidden = self.state_norm(hidden.float())  # (the LLM may run in bf16)
         token = SEG if self.config.decoder.kind == "sam2" else MQ
         where = input_ids == self.token_ids[token]
         counts = where.sum(1)
