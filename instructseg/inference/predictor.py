@@ -3,8 +3,10 @@
 Modes for video:
 - `propagate` (default): the LLM answers once, on the first of K uniformly spaced key frames; its hidden states
   prompt every key frame (object embeddings as they are, VMTF re-fused with each key frame's features); SAM2 memory
-  propagates the key-frame masks to every frame, forwards and backwards (Sa2VA-i: uniform key frames). One LLM call
-  per video; each frame is encoded by the decoder once.
+  propagates the key-frame masks to every frame, forwards and backwards (Sa2VA-i: uniform key frames), and every
+  tracked frame is re-detected from the nearest key frame's prompts (`decoders.sam2.Redetect`). One LLM call per
+  video; each frame is encoded by the decoder once. The LLM runs in bfloat16 where the hardware has it
+  (`llm_dtype="auto"`).
 - `per-frame`: InstructSeg's protocol, the baseline: every frame goes through the LLM with its reference frames
   and is decoded on its own.
 Results stream frame by frame (`stream`), so a long video never holds all frames or all masks in memory.
