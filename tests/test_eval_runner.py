@@ -368,7 +368,7 @@ class ShapesPredictor:
     """Predicts every pixel unlike the top-left one (all the shapes): deterministic, non-trivial masks with known
     values, for checking the numbers."""
 
-    def __init__(self, model, device="cpu"):
+    def __init__(self, model, device="cpu", llm_dtype="auto"):
         pass
 
     def segment(self, source, instruction, *, mode="propagate", key_frames=None):
