@@ -70,6 +70,23 @@ def test_redetect_keeps_the_tracked_mask_of_an_object_it_does_not_find():
     assert not torch.allclose(tracked.mask_logits[0, found], free.mask_logits[0, found])
 
 
+def test_redetect_leaves_objects_a_user_clicked_to_memory():
+    decoder, frames = _decoder(), torch.rand(4, 3, 64, 64)
+    base = _prompts()
+    clicked = Prompts(base.object_embeds, base.object_valid, base.text_embed,
+                      point_coords=torch.tensor([[[[20.0, 30.0]], [[0.0, 0.0]]]]),
+                      point_labels=torch.tensor([[[1], [-1]]], dtype=torch.int32))  # object 1 clicked, object 2 not
+    always = Redetect(min_score=0.0)
+    with torch.no_grad():
+        plain = dict(decoder.propagate(lambda i: frames[i:i + 1], 4, {0: clicked}))
+        mixed = dict(decoder.propagate(lambda i: frames[i:i + 1], 4, {0: clicked}, redetect=always))
+        free = {t: decoder.decode(decoder.encode(frames[t:t + 1]), base) for t in range(1, 4)}
+    assert always.frames == [1, 2, 3]
+    for t in range(1, 4):
+        torch.testing.assert_close(mixed[t].mask_logits[0, 0], plain[t].mask_logits[0, 0])
+        torch.testing.assert_close(mixed[t].mask_logits[0, 1], free[t].mask_logits[0, 1])  # text prompts only
+
+
 def test_cached_key_frame_features_are_used_instead_of_reading_the_frame():
     decoder, frames, calls = _decoder(), torch.rand(5, 3, 64, 64), []
 

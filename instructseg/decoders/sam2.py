@@ -158,6 +158,7 @@ class SAM2Decoder(MaskDecoder):
         n = key_prompts[keys[0]].object_valid.shape[1]
         valid = key_prompts[keys[0]].object_valid
         memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+        clicked = _visually_prompted(list(key_prompts.values()), n)  # the user's corrections propagate through memory
 
         def step(t: int, prompt: Prompts | None, reverse: bool) -> DecoderOutput:
             features = self.features_at(t, frame_at, cached)
@@ -166,8 +167,8 @@ class SAM2Decoder(MaskDecoder):
                 out = track(t, feats, pos, sizes, features, prompt, reverse)
             else:
                 key = min(keys, key=lambda k: (abs(k - t), k))
-                free = self._heads(features, key_prompts[key])
-                found = free["object_score_logits"][:, 0].sigmoid() >= redetect.min_score  # (N,)
+                free = self._heads(features, _text_only(key_prompts[key]))
+                found = (free["object_score_logits"][:, 0].sigmoid() >= redetect.min_score) & ~clicked  # (N,)
                 out = free if bool(found.all()) else track(t, feats, pos, sizes, features, None, reverse)
                 if bool(found.any()):
                     if out is not free:
@@ -211,11 +212,29 @@ class SAM2Decoder(MaskDecoder):
 @dataclass
 class Redetect:
     """Prompt every tracked frame again (see `SAM2Decoder.propagate`): an object the memory-free decode finds with
-    probability >= `min_score` takes that decode's mask. `frames` collects the frames where at least one object
-    was re-detected (one Redetect per propagation)."""
+    probability >= `min_score` takes that decode's mask. Objects a user prompted with clicks or a mask on some frame
+    are left to memory (re-detection would undo the correction). `frames` collects the frames where at least one
+    object was re-detected (one Redetect per propagation)."""
 
     min_score: float = 0.5
     frames: list[int] = field(default_factory=list)
+
+
+def _text_only(prompts: Prompts) -> Prompts:
+    """The instruction-derived part of a frame's prompts (clicks and masks belong to their own frame)."""
+    return Prompts(object_embeds=prompts.object_embeds, object_valid=prompts.object_valid,
+                   text_embed=prompts.text_embed)
+
+
+def _visually_prompted(prompts, n: int) -> torch.Tensor:
+    """(N,) bool: objects given clicks or a non-empty mask on any frame."""
+    out = torch.zeros(n, dtype=torch.bool, device=prompts[0].object_embeds.device)
+    for p in prompts:
+        if p.point_labels is not None:
+            out |= (p.point_labels[0] >= 0).any(-1)
+        if p.mask_inputs is not None:
+            out |= (p.mask_inputs[0].flatten(1) > 0).any(-1)
+    return out
 
 
 def _compact(out: dict) -> dict:
