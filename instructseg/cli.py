@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="default")
     b.add_argument("--frames", type=int, default=64)
     b.add_argument("--size", type=int, default=256, help="frame side in pixels")
+    _llm_dtype_arg(b)
     b.add_argument("--json", help="write the numbers here")
     b = bsub.add_parser("memory", help="peak RSS of `segment` per video length, each in a fresh process")
     b.add_argument("--model", default="default")

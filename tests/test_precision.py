@@ -31,6 +31,8 @@ def test_cast_touches_base_weights_only_and_blocks_saving_them(seg_model_dir, tm
     with pytest.raises(InputError, match="cast to torch.bfloat16 for inference"):
         model.save_pretrained(tmp_path / "saved")  # the tiny model's random LLM is saved with it
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+    with pytest.raises(InputError, match="already runs in torch.bfloat16"):
+        InstructSegPredictor(model, llm_dtype="float32")  # the float32 weights are gone: say so, do not pretend
 
 
 def test_a_bfloat16_llm_answers_and_segments_like_float32(seg_model_dir, synth_root):

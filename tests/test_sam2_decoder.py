@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from instructseg.config import DecoderConfig
-from instructseg.decoders.base import DecoderOutput, Prompts
+from instructseg.decoders.base import Prompts
 from instructseg.decoders.sam2 import Redetect, SAM2Decoder
 
 

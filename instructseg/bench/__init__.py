@@ -44,7 +44,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
             if not torch.cuda.is_available():
                 raise InputError("--device cuda: no CUDA device is available here (use --device cpu)")
-        data = bench_infer(args.model, frames=args.frames, size=args.size, device=device, log=_log)
+        data = bench_infer(args.model, frames=args.frames, size=args.size, device=device, llm_dtype=args.llm_dtype,
+                           log=_log)
         print_infer(data)
     elif args.bench_command == "memory":
         from instructseg.bench.memory import bench_memory, parse_lengths, print_memory

@@ -129,7 +129,7 @@ def run_sam2(predictor, video: BenchVideo) -> tuple[float, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------- the benchmark
 def bench_infer(model_name: str, *, frames: int, size: int, seed: int = 0, device: str = "cpu",
-                log=print) -> dict:
+                llm_dtype: str = "auto", log=print) -> dict:
     """Every number of `bench infer` as one dict (the JSON keys of the issue, plus context)."""
     from instructseg.inference.predictor import InstructSegPredictor
     from instructseg.model.checkpoint import load_model
@@ -138,7 +138,7 @@ def bench_infer(model_name: str, *, frames: int, size: int, seed: int = 0, devic
         raise ValueError(f"--frames {frames}: need at least 2 frames")
     load_start = time.perf_counter()
     model = load_model(model_name, device=device)
-    predictor = InstructSegPredictor(model, device=device)
+    predictor = InstructSegPredictor(model, device=device, llm_dtype=llm_dtype)
     forced = bool(model.config.llm.random_init)
     if forced:
         predictor.model = ForcedAnswerModel(model)
@@ -176,12 +176,14 @@ def bench_infer(model_name: str, *, frames: int, size: int, seed: int = 0, devic
         "instruction": video.instruction,
         "torch_threads": torch.get_num_threads(),
         "device": device,
+        "llm_dtype": str(model.llm.get_input_embeddings().weight.dtype).removeprefix("torch."),
     }
 
 
 def print_infer(r: dict) -> None:
     print(f"bench infer: model {r['model']}, {r['frames']} frames at {r['size']} px (decoder {r['decoder_size']} px), "
-          f"\"{r['instruction']}\", {r['objects_found']} object(s) found, {r['torch_threads']} torch thread(s)")
+          f"\"{r['instruction']}\", {r['objects_found']} object(s) found, {r['torch_threads']} torch thread(s), "
+          f"LLM in {r['llm_dtype']}")
     if r["answer_forced"]:
         print("random LLM: its answer was forced to \"[SEG]\" through the real generation path")
     rows = (("propagate", r["propagate_s"], r["llm_calls_propagate"], r["jf_propagate"]),

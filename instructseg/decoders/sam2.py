@@ -169,7 +169,8 @@ class SAM2Decoder(MaskDecoder):
                 key = min(keys, key=lambda k: (abs(k - t), k))
                 free = self._heads(features, _text_only(key_prompts[key]))
                 found = (free["object_score_logits"][:, 0].sigmoid() >= redetect.min_score) & ~clicked  # (N,)
-                out = free if bool(found.all()) else track(t, feats, pos, sizes, features, None, reverse)
+                out = free if bool(found.all()) and n else track(t, feats, pos, sizes, features, None, reverse,
+                                                                  encode_memory=not bool(found.any()))
                 if bool(found.any()):
                     if out is not free:
                         out = {k: torch.where(found.view(-1, *[1] * (free[k].dim() - 1)), free[k], out[k])
@@ -182,7 +183,8 @@ class SAM2Decoder(MaskDecoder):
             masks = out["pred_masks_high_res"]
             return _output(masks.view(1, n, *masks.shape[-2:]), out["object_score_logits"].view(1, n), valid)
 
-        def track(t: int, feats, pos, sizes, features: FrameFeatures, prompt: Prompts | None, reverse: bool) -> dict:
+        def track(t: int, feats, pos, sizes, features: FrameFeatures, prompt: Prompts | None, reverse: bool,
+                  encode_memory: bool = True) -> dict:
             inputs = masks = None
             if prompt is not None and prompt.mask_inputs is not None:  # a given mask is this frame's output
                 masks = prompt.mask_inputs.reshape(n, 1, *prompt.mask_inputs.shape[-2:])
@@ -191,7 +193,8 @@ class SAM2Decoder(MaskDecoder):
             return self.sam.track_step(frame_idx=t, is_init_cond_frame=prompt is not None,
                                        current_vision_feats=feats, current_vision_pos_embeds=pos,
                                        feat_sizes=sizes, point_inputs=inputs, mask_inputs=masks,
-                                       output_dict=memory, num_frames=num_frames, track_in_reverse=reverse)
+                                       output_dict=memory, num_frames=num_frames, track_in_reverse=reverse,
+                                       run_mem_encoder=encode_memory)
 
         for t in keys:
             yield t, step(t, key_prompts[t], reverse=False)

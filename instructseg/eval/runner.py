@@ -75,6 +75,8 @@ def build_evaluator(args: argparse.Namespace) -> tuple[Evaluator, dict]:
     if not root.is_dir():
         raise InputError(f"--data-root {root}: not a directory")
     config = {"benchmark": name, "data_root": str(root.resolve()), "model": _model_id(args.model)}
+    if args.model is not None:  # one precision per run: resuming with another would mix them
+        config["llm_dtype"] = args.llm_dtype
     if name == "refcoco":
         split_by, splits = _refcoco_splits(args, root)
         evaluator = RefcocoEvaluator(root, args.dataset, split_by, splits, output)

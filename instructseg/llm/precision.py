@@ -55,6 +55,9 @@ def cast_base_weights(llm: "torch.nn.Module", dtype: "torch.dtype") -> None:
     """Cast the LLM's frozen floating-point weights to `dtype` in place (adapter parameters untouched)."""
     import torch
 
+    current = getattr(llm, _CAST_MARK, None)
+    if current is not None and current != dtype:
+        raise InputError(f"this model's LLM already runs in {current} for inference: load the model again for {dtype}")
     if dtype == torch.float32:
         return
     for name, param in llm.named_parameters():

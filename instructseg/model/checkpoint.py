@@ -40,6 +40,9 @@ def _own_tensors(model) -> dict[str, torch.Tensor]:
 def save_model(model, directory: Path, *, merge_lora: bool = False) -> None:
     """Write atomically: a temporary sibling directory renamed into place (an existing one is replaced). A model
     whose adapter a predictor merged for speed is saved unmerged (and merged again afterwards)."""
+    cfg = model.config.llm
+    if cfg.saved_with_model or (merge_lora and cfg.use_lora):  # the LLM's weights are written
+        check_saveable(model.llm)
     merged = adapter_merged(model.llm)
     if merged:
         model.llm.unmerge_adapter()
@@ -53,8 +56,6 @@ def save_model(model, directory: Path, *, merge_lora: bool = False) -> None:
 def _save_model(model, directory: Path, *, merge_lora: bool) -> None:
     directory = Path(directory)
     own_llm = model.config.llm.saved_with_model
-    if own_llm or (merge_lora and model.config.llm.use_lora):  # the LLM's weights are written
-        check_saveable(model.llm)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     config = copy.deepcopy(model.config)
