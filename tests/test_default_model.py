@@ -16,7 +16,7 @@ from instructseg.model.checkpoint import default_model_dir
 
 pytestmark = pytest.mark.slow
 
-# measured: mean IoU 0.46 on the RefCOCO-format val sentences that name a colour and a shape (docs/default_model.md)
+# measured: mean IoU 0.47 (step 1800) on the RefCOCO-format val sentences that name a colour and a shape (docs/default_model.md)
 MIN_MEAN_IOU = 0.3
 
 
