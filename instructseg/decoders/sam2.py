@@ -225,9 +225,9 @@ class Redetect:
     clicks or a non-empty mask on some frame are left to memory (re-detection would undo the correction). `frames`
     collects the frames where at least one object was re-detected (one Redetect per propagation).
 
-    Measured with the shipped model: on 64-frame videos SAM2's memory drifts and re-detection lifts J&F from ~78 to
-    ~91 (per-frame decoding: ~91); on ShapesIVS valid's 8-frame clips it moves ReVOS J&F by about -0.5, and the IoU
-    gate matters there (without it: -3)."""
+    Measured (docs/benchmarks.md): on 48- and 64-frame videos re-detection keeps J&F at 90-96 where SAM2's memory
+    alone drifts to 75-87 on some videos; on ShapesIVS valid's 8-frame clips it costs about 0.5 ReVOS J&F, and the
+    IoU gate matters there (without it: -3)."""
 
     min_score: float = 0.5
     min_iou: float = 0.5
