@@ -151,8 +151,9 @@ class SAM2Decoder(MaskDecoder):
                   redetect: "Redetect | None" = None) -> Iterator[tuple[int, DecoderOutput]]:
         """See `MaskDecoder.propagate`. With `redetect`, the nearest key frame's prompts are also decoded without
         memory on every tracked frame: an object that decode finds (see `Redetect`) takes its mask there (and
-        SAM2's memory of that frame is encoded from it); the others keep the mask SAM2's memory tracked. A frame where every object is found costs no memory attention at all. The frames where
-        at least one object was re-detected are listed in `redetect.frames`."""
+        SAM2's memory of that frame is encoded from it); the others keep the mask SAM2's memory tracked. A frame
+        where every object is found costs no memory attention at all. The frames where at least one object was
+        re-detected are listed in `redetect.frames`."""
         keys = sorted(key_prompts)
         n = key_prompts[keys[0]].object_valid.shape[1]
         valid = key_prompts[keys[0]].object_valid
@@ -163,14 +164,14 @@ class SAM2Decoder(MaskDecoder):
         def step(t: int, prompt: Prompts | None, reverse: bool) -> DecoderOutput:
             features = self.features_at(t, frame_at, cached)
             feats, pos, sizes = self._sam_inputs(features.select([0] * n))
+            prev = t + 1 if reverse else t - 1  # the frame output just before this one
             if prompt is not None or redetect is None:
                 out = track(t, feats, pos, sizes, features, prompt, reverse)
             else:
                 key = min(keys, key=lambda k: (abs(k - t), k))
                 free = self._heads(features, _text_only(key_prompts[key]))
                 found = (free["object_score_logits"][:, 0].sigmoid() >= redetect.min_score) & ~clicked  # (N,)
-                before = shown[t + 1 if reverse else t - 1]
-                found &= _iou(free["pred_masks_high_res"][:, 0] > 0, before) >= redetect.min_iou
+                found &= _iou(free["pred_masks_high_res"][:, 0] > 0, shown[prev]) >= redetect.min_iou
                 out = free if bool(found.all()) and n else track(t, feats, pos, sizes, features, None, reverse,
                                                                   encode_memory=not bool(found.any()))
                 if bool(found.any()):
@@ -184,8 +185,8 @@ class SAM2Decoder(MaskDecoder):
             memory["cond_frame_outputs" if prompt is not None else "non_cond_frame_outputs"][t] = _compact(out)
             masks = out["pred_masks_high_res"]
             shown[t] = masks[:, 0] > 0
-            if prompt is None and (t + 1 if reverse else t - 1) not in key_prompts:  # keep key frames and the newest
-                shown.pop(t + 1 if reverse else t - 1, None)
+            if prompt is None and prev not in key_prompts:  # keep the key frames' masks and the newest
+                shown.pop(prev, None)
             return _output(masks.view(1, n, *masks.shape[-2:]), out["object_score_logits"].view(1, n), valid)
 
         def track(t: int, feats, pos, sizes, features: FrameFeatures, prompt: Prompts | None, reverse: bool,
