@@ -103,6 +103,10 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     visual_grid: int = 2  # key-frame CLIP tokens are pooled to visual_grid x visual_grid tokens for the LLM
+    # > 0: auxiliary category heads (a linear layer on the vision tokens and one on the decoder's coarse tokens,
+    # `semantic_classes` categories + "no object"), trained on the category maps of sources that have them
+    # (RefCOCO-format instances.json); they teach the encoders what objects are. Unused at inference.
+    semantic_classes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

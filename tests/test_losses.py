@@ -260,3 +260,41 @@ def test_grid_contrastive_term_prefers_singling_out_the_target():
     assert _grid_contrastive(only, target) < 0.01
     assert _grid_contrastive(both, target) > 0.6  # half the mass sits on the other object: -log(0.5)
     assert _grid_contrastive(both, torch.zeros(1, 8, 8)) == 0  # no target: no term
+
+
+def test_category_heads_learn_the_pooled_category_map():
+    """category: logits that match each token's class share cost less than wrong ones; samples without a map
+    (-1) add nothing; without maps in the batch the heads still get a (zero) gradient path; a class beyond the
+    heads is a clear error."""
+    from instructseg.errors import InputError
+
+    classes = torch.zeros(2, S, S, dtype=torch.long)
+    classes[0, :8, :8] = 2
+    classes[0, 8:, 8:] = 1
+    classes[1] = -1  # no map for the second sample
+    grid = S // 4
+    pooled = F.adaptive_avg_pool2d(F.one_hot(classes[0], 3).permute(2, 0, 1).float()[None], grid)[0]
+    loss = SegmentationLoss(LossWeights(category=1.0), matching=False)
+
+    def run(logits, maps):
+        out = make_outputs(torch.randn(2, 1, S, S))
+        out.vision_class_logits = logits.clone().requires_grad_(True)
+        out.decoder_class_logits = logits.clone().requires_grad_(True)
+        return out, loss(out, None, [torch.zeros(1, S, S, dtype=torch.bool)] * 2, None, maps)
+
+    good = torch.stack([pooled.log(), torch.zeros(3, grid, grid)]).clamp(min=-20)
+    out, result = run(good, classes)
+    _, bad = run(-good, classes)
+    assert result.parts["category_vision"] < bad.parts["category_vision"]
+    assert result.parts["category_decoder"] == pytest.approx(result.parts["category_vision"])
+    entropy = -(pooled * pooled.clamp(min=1e-9).log()).sum(0).mean()  # the least the loss can be
+    assert result.parts["category_vision"] == pytest.approx(float(entropy), abs=1e-4)
+    result.total.backward()
+    assert out.vision_class_logits.grad[0].abs().sum() > 0 and out.vision_class_logits.grad[1].abs().sum() == 0
+    out, none = run(good, None)
+    assert "category_vision" not in none.parts
+    none.total.backward()
+    assert out.decoder_class_logits.grad is not None
+    classes[0, 0, 0] = 3
+    with pytest.raises(InputError, match="class 3, but the model's category heads know 2"):
+        run(good, classes)

@@ -354,3 +354,35 @@ def test_prompt_norm_keeps_prompts_apart_and_leaves_padding_alone():
     out_one = norm(one, torch.tensor([[True]]))  # a single prompt in training: running statistics, no error
     norm.eval()
     torch.testing.assert_close(out_one, norm(one, torch.tensor([[True]])))
+
+
+def test_category_heads_train_the_encoders_and_load_into_an_older_model(tmp_path):
+    """semantic_classes adds per-token category logits on the vision and decoder tokens, whose loss reaches both
+    encoders; a model saved without the heads loads into a config that has them (new heads), and saves/loads
+    with them exactly."""
+    from instructseg.train.losses import category_loss
+
+    torch.manual_seed(0)
+    plain = InstructSegModel(preset("tiny"))
+    plain.save_pretrained(tmp_path / "plain")
+    assert plain.category_heads is None and plain(_inputs(plain, PAIRS, video=False)).vision_class_logits is None
+    cfg = json.loads((tmp_path / "plain" / "config.json").read_text())
+    cfg["semantic_classes"] = 4
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg))
+    model = load_model(tmp_path / "plain").train()
+    assert model.weight_sources["category_heads"] == "random init" and model.weight_sources["fusion"].startswith("trained")
+    out = model(_inputs(model, PAIRS, video=False))
+    grid = model.vision.grid
+    assert out.vision_class_logits.shape == (2, 5, *grid)
+    size = model.decoder.image_size
+    assert out.decoder_class_logits.shape == (2, 5, *model.decoder.encode(torch.rand(1, 3, size, size)).size)
+    maps = torch.randint(0, 5, (2, size, size))
+    model.zero_grad()
+    (category_loss(out.vision_class_logits, maps) + category_loss(out.decoder_class_logits, maps)).backward()
+    for part in ("vision.", "decoder.sam.image_encoder.", "category_heads."):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+                   if n.startswith(part)), part
+    model.save_pretrained(tmp_path / "heads")
+    again = load_model(tmp_path / "heads")
+    assert again.weight_sources["category_heads"].startswith("trained")
+    assert torch.equal(again.category_heads.vision.weight, model.category_heads.vision.weight)

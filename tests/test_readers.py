@@ -354,3 +354,34 @@ def test_reasonseg_missing_image(tmp_path):
 def test_missing_reasonseg_split(tmp_path):
     with pytest.raises(InputError, match=r"ReasonSeg split 'val' not found"):
         read_reasonseg(tmp_path, "val")
+
+
+def test_refcoco_category_maps_paint_every_shape_with_its_class(synth_root):
+    """The category map of a RefCOCO image: each rendered shape's visible pixels carry 1 + its shape's index (the
+    synthetic instances.json lists the shapes as categories in that order), the rest is 0."""
+    records = {f"img{i:05d}": build_image(SPEC, i) for i in range(SPEC.images)}
+    from instructseg.data.synthetic_scene import SHAPES
+
+    for s in read_refcoco(synth_root / "refcoco", split="train")[:12]:
+        classes = s.semantic()
+        record = records[s.image_path.stem]
+        assert classes.shape == (s.height, s.width) and classes.dtype == np.int16
+        expected = np.zeros((s.height, s.width), dtype=np.int16)
+        for obj, visible in zip(record.scene.objects, record.rendered_coco.visible[:, 0]):
+            expected[visible] = SHAPES.index(obj.shape) + 1
+        assert np.array_equal(classes, expected)
+        assert (classes[s.union_mask()] > 0).all()
+
+
+def test_refcoco_category_maps_need_known_categories(synth_root, tmp_path):
+    root = tmp_path / "refcoco"
+    shutil.copytree(synth_root / "refcoco", root)
+    coco = json.loads((root / "instances.json").read_text())
+    coco["annotations"][0]["category_id"] = 99
+    (root / "instances.json").write_text(json.dumps(coco))
+    with pytest.raises(InputError, match=r"instances\.json: annotation 1 has category_id 99, not in 'categories'"):
+        read_refcoco(root, split="train")
+    del coco["categories"]  # a file without categories: no maps, the masks still read
+    (root / "instances.json").write_text(json.dumps(coco))
+    samples = read_refcoco(root, split="train")
+    assert samples[0].semantic() is None and samples[0].masks().any()

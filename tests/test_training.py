@@ -172,14 +172,66 @@ def test_cli_train_bad_recipe_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("preset", ["tiny", "tiny-m2f"])
 def test_two_ranks_zero3_train_and_export_loads(tmp_path, synth_root, preset):
     """ZeRO-3 partitions parameters across the ranks (scripts/ds/zero3.json keeps those under 1e6 elements whole,
-    after gathering them once); parameters read outside a module call are gathered through the decoder's."""
+    after gathering them once); parameters read outside a module call are gathered through the decoder's.
+    With category heads: batches with and without category maps (RefCOCO vs the rest) train alike on both ranks."""
     from instructseg.model.instructseg import InstructSegModel
 
-    recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2, deepspeed=str(REPO / "scripts/ds/zero3.json"))
-    recipe.write_text(recipe.read_text().replace("model: tiny", f"model: {preset}"))
+    recipe = _recipe(tmp_path, synth_root, steps=3, save_every=3, deepspeed=str(REPO / "scripts/ds/zero3.json"))
+    recipe.write_text(recipe.read_text().replace("model: tiny", f"model: {preset}\nmodel_overrides: [semantic_classes=5]"))
     _train([str(recipe)], ranks=2)
     run = tmp_path / "run"
-    assert [r["step"] for r in _log(run)] == [1, 2]
+    assert [r["step"] for r in _log(run)] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in _log(run))
+    assert any(math.isfinite(r.get("category_decoder", math.nan)) for r in _log(run))  # rank 0 saw a map
     model = InstructSegModel.from_pretrained(run / "final")
+    assert model.category_heads is not None
     assert model.config.decoder.kind == {"tiny": "sam2", "tiny-m2f": "mask2former"}[preset]
+
+
+def test_encoder_stage_learns_categories_and_is_skipped_on_resume(tmp_path, synth_root):
+    """A fresh run first trains the encoders on category maps (encoders.jsonl: one row per step, loss falling);
+    a run resumed from a checkpoint does not repeat the stage."""
+    recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2)
+    data = yaml.safe_load(recipe.read_text())
+    data["model_overrides"] = ["semantic_classes=5"]
+    data["encoders"] = {"steps": 40, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1,
+                        "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco"), "split": "train"}]}
+    recipe.write_text(yaml.safe_dump(data))
+    result = _train([str(recipe)])
+    assert "encoder stage: 40 steps" in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "encoders.jsonl").read_text().splitlines()]
+    assert [r["encoder_step"] for r in rows] == list(range(1, 41))
+    first, last = (sum(r["loss"] for r in part) / 5 for part in (rows[:5], rows[-5:]))
+    assert last < 0.7 * first, (first, last)
+    result = _train([str(recipe), "train.steps=3"])
+    assert "encoder stage" not in result.stdout and "resuming from" in result.stdout
+    assert len((tmp_path / "run" / "encoders.jsonl").read_text().splitlines()) == 40
+
+
+def test_encoder_stage_errors(tmp_path, synth_root):
+    """Clear errors: encoder steps without sources, a source without category maps, a model without heads."""
+    import torch
+
+    from instructseg.config import preset
+    from instructseg.errors import InputError
+    from instructseg.model.instructseg import InstructSegModel
+    from instructseg.train.encoders import train_encoders
+    from instructseg.train.recipe import DataSource, EncoderStage, load_recipe
+
+    path = _recipe(tmp_path, synth_root)
+    with pytest.raises(InputError, match=r"encoders.steps=5 but encoders.data lists no sources"):
+        load_recipe(path, ["encoders.steps=5"])
+    with pytest.raises(InputError, match="unknown EncoderStage field"):
+        load_recipe(path, ["encoders.stepz=5"])
+    refcoco = DataSource(kind="refcoco", root=str(synth_root / "refcoco"))
+    torch.manual_seed(0)
+    plain = InstructSegModel(preset("tiny"))
+    with pytest.raises(InputError, match="no category heads; set semantic_classes"):
+        train_encoders(plain, EncoderStage(steps=1, data=[refcoco]), seed=0, device=torch.device("cpu"))
+    heads = InstructSegModel(preset("tiny").override(["semantic_classes=5"]))
+    videos = DataSource(kind="revos", root=str(synth_root / "revos"))
+    with pytest.raises(InputError, match="source kind 'revos' has no category maps"):
+        train_encoders(heads, EncoderStage(steps=1, data=[videos]), seed=0, device=torch.device("cpu"))
+    small = InstructSegModel(preset("tiny").override(["semantic_classes=2"]))  # the data has 5 categories
+    with pytest.raises(InputError, match="category map holds class 5"):
+        train_encoders(small, EncoderStage(steps=3, data=[refcoco]), seed=0, device=torch.device("cpu"))

@@ -416,3 +416,23 @@ def test_chat_turns_and_imageless_samples():
     assert seen == {0, 1, 2}
     with pytest.raises(InputError, match="expected user, assistant"):
         ChatDataset([ChatSample(sample_id="c", image_path=None, turns=turns[1:])], seed=0)[0]
+
+
+def test_collate_carries_category_maps(roots, layout):
+    """RefCOCO samples bring their category maps; the batch holds them at the decoder size (nearest), -1 for a
+    sample without one, and none at all for a batch without maps."""
+    images, videos = _build(roots, "refcoco"), _build(roots, "revos")
+    image, video = images[0], videos[0]
+    assert image.semantic is not None and image.semantic.shape == image.key_frame.shape[:2]
+    assert set(np.unique(image.semantic)) >= {0} and image.semantic.max() > 0
+    assert video.semantic is None
+    collate = Collator(layout, image_size=2 * W, pad_id=0)
+    inputs, _, _ = collate([image, video])
+    assert inputs.semantic.shape == (2, 2 * W, 2 * W) and inputs.semantic.dtype == torch.long
+    assert (inputs.semantic[1] == -1).all()
+    reference = np.asarray(Image.fromarray(image.semantic.astype(np.uint8)).resize((2 * W, 2 * W), Image.NEAREST))
+    assert (inputs.semantic[0].numpy() == reference).mean() > 0.97
+    assert collate([video])[0].semantic is None
+    wrong = TrainingSample(**{**image.__dict__, "semantic": image.semantic[:-1]})
+    with pytest.raises(ValueError, match="category map"):
+        collate([wrong])

@@ -29,6 +29,12 @@ def resize_masks(masks: np.ndarray, size: int) -> torch.Tensor:
     return x[0] >= 0.5
 
 
+def resize_categories(classes: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W) integer category map -> (size, size) long, nearest sample at each output pixel's centre."""
+    x = torch.from_numpy(np.ascontiguousarray(classes).astype(np.int64))[None, None].float()
+    return F.interpolate(x, size=(size, size), mode="nearest-exact")[0, 0].long()
+
+
 class Collator:
     """`samples -> (ModelInputs, masks, ref_masks)`; masks[i] is (K_i, S, S) bool, one per [SEG] of answer i, in
     order; ref_masks[i] is (R, K_i, S, S) bool, the same objects on the reference frames (None without refs).
@@ -52,6 +58,9 @@ class Collator:
         for s in samples:
             if s.masks.shape[1:] != s.key_frame.shape[:2]:
                 raise ValueError(f"Collator: {s.task} sample has masks {s.masks.shape} for a frame {s.key_frame.shape}")
+            if s.semantic is not None and s.semantic.shape != s.key_frame.shape[:2]:
+                raise ValueError(f"Collator: {s.task} sample has a category map {s.semantic.shape} for a frame "
+                                 f"{s.key_frame.shape}")
         frames = torch.stack([resize_frame(s.key_frame, size) for s in samples])
         ref_counts = sorted({len(s.ref_frames) for s in samples if s.ref_frames is not None})
         if len(ref_counts) > 1:
@@ -76,9 +85,13 @@ class Collator:
                 raise ValueError(f"Collator: answer {s.answer!r} encodes {segs} {SEG} tokens "
                                  f"for {s.masks.shape[0]} masks")
         batch = pad_prompts(prompts, self.pad_id)
+        semantic = None
+        if any(s.semantic is not None for s in samples):
+            semantic = torch.stack([resize_categories(s.semantic, size) if s.semantic is not None
+                                    else torch.full((size, size), -1, dtype=torch.long) for s in samples])
         inputs = ModelInputs(frames=frames, ref_frames=ref_frames, input_ids=batch["input_ids"],
                              attention_mask=batch["attention_mask"], instruction_mask=batch["instruction_mask"],
-                             labels=batch["labels"])
+                             labels=batch["labels"], semantic=semantic)
         masks = [resize_masks(s.masks, size) for s in samples]
         ref_masks = None
         if ref_frames is not None:

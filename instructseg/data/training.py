@@ -38,6 +38,8 @@ class TrainingSample:
     masks:      (K, H, W) bool, K = answer.count("[SEG]") (0 for chat and no-target expressions).
     ref_masks:  (R, K, H, W) bool, the same objects on the reference frames (videos), or None.
     history:    earlier (user, assistant) turns of a conversation.
+    semantic:   (H, W) int16 category map of the key frame (every annotated object, 0 elsewhere) for the auxiliary
+                category heads, or None (no categories in the source).
     """
 
     task: str
@@ -48,6 +50,7 @@ class TrainingSample:
     masks: np.ndarray
     history: list[tuple[str, str]] = field(default_factory=list)
     ref_masks: np.ndarray | None = None
+    semantic: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -204,7 +207,8 @@ class ImageSampleDataset(_Dataset):
         image = _check_frame(load_rgb(item.image_path), item.height, item.width, f"{item.dataset} {item.sample_id}")
         instruction = item.text if item.is_sentence else phrase_instruction(item.text, rng, kind="image")
         return TrainingSample(task=self.task, key_frame=image, ref_frames=None, instruction=instruction,
-                              answer=answer_with_segs(item.answer, masks.shape[0]), masks=masks)
+                              answer=answer_with_segs(item.answer, masks.shape[0]), masks=masks,
+                              semantic=item.semantic())
 
 
 def _pairs(sample: ChatSample) -> list[tuple[str, str]]:

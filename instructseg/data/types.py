@@ -92,6 +92,8 @@ class ImageSample:
     is_sentence: bool = False
     mask_loader: Callable[[], np.ndarray] | None = field(default=None, repr=False)            # -> (N, H, W) bool
     ignore_loader: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)  # -> (H, W) bool
+    # -> (H, W) int16: every annotated object of the image painted with its category (1-based), 0 elsewhere
+    semantic_loader: Callable[[], np.ndarray] | None = field(default=None, repr=False)
 
     def _source(self) -> str:
         return f"{self.dataset} {self.sample_id}"
@@ -114,6 +116,17 @@ class ImageSample:
             return None
         mask = self.ignore_loader()
         return None if mask is None else check_shape(mask, (self.height, self.width), self._source())
+
+    def semantic(self) -> np.ndarray | None:
+        """(H, W) int16 category map of the whole image (RefCOCO: every annotation of instances.json, class =
+        1 + the category's position in its `categories` list, 0 = no annotated object), or None."""
+        if self.semantic_loader is None:
+            return None
+        classes = self.semantic_loader()
+        if classes.shape != (self.height, self.width):
+            raise InputError(f"{self._source()}: category map has shape {classes.shape}, "
+                             f"expected {(self.height, self.width)}")
+        return classes
 
 
 @dataclass

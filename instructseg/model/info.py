@@ -4,7 +4,7 @@ from __future__ import annotations
 from instructseg.model.checkpoint import load_model
 
 COMPONENTS = ("vision", "projector", "perceiver", "mask_queries", "llm", "object_proj", "fusion", "object_norm",
-              "text_norm", "decoder")
+              "text_norm", "decoder", "category_heads")
 
 
 def parameter_table(model) -> list[tuple[str, int, int, str]]:
@@ -31,9 +31,9 @@ def print_model_info(name_or_dir: str) -> None:
     model = load_model(name_or_dir)
     rows = parameter_table(model)
     print(f"model: {name_or_dir}  (LLM {model.config.llm.source}, decoder {model.config.decoder.kind})")
-    print(f"{'component':14s}{'total':>14s}{'trainable':>14s}  weights")
+    print(f"{'component':16s}{'total':>14s}{'trainable':>14s}  weights")
     for name, total, trainable, source in rows:
-        print(f"{name:14s}{total:14,d}{trainable:14,d}  {source}")
+        print(f"{name:16s}{total:14,d}{trainable:14,d}  {source}")
     total = sum(r[1] for r in rows)
     trainable = sum(r[2] for r in rows)
-    print(f"{'all':14s}{total:14,d}{trainable:14,d}")
+    print(f"{'all':16s}{total:14,d}{trainable:14,d}")

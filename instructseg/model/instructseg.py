@@ -19,6 +19,7 @@ from instructseg.config import ModelConfig
 from instructseg.decoders.base import FrameFeatures, MaskDecoder, Prompts
 from instructseg.llm.loading import load_causal_lm, load_tokenizer
 from instructseg.llm.lora import apply_lora
+from instructseg.model.category_heads import CategoryHeads
 from instructseg.model.fusion import TextFusion
 from instructseg.model.outputs import Generation, InstructSegOutput, ModelInputs, SequenceStates
 from instructseg.model.perceiver import ObjectAwarePerceiver
@@ -84,6 +85,8 @@ class InstructSegModel(nn.Module):
                                  max_detail_tokens=f.max_detail_tokens)
         self.object_norm, self.text_norm = PromptNorm(dim), PromptNorm(dim)  # prompts cannot collapse
         self.state_norm = StateNorm(hidden)  # loaded with the weights, or calibrated on the base LLM now
+        self.category_heads = (CategoryHeads(self.vision.width, dim, config.semantic_classes)
+                               if config.semantic_classes else None)  # training aid
         if load_pretrained:
             self.state_norm.calibrate(self.llm, self.tokenizer)
         self.weight_sources = _initial_sources(config, load_pretrained)
@@ -159,7 +162,8 @@ class InstructSegModel(nn.Module):
         """Teacher-forced forward. With `track` (default: in training, when the batch has reference frames) the
         objects are also followed through the reference frames (SAM2 memory), to learn propagation."""
         features = self.decoder.encode(inputs.frames)
-        out = self.llm(inputs_embeds=self.embed(inputs), attention_mask=inputs.attention_mask,
+        key_tokens = self.visual_tokens(inputs.frames)
+        out = self.llm(inputs_embeds=self.embed(inputs, key_tokens), attention_mask=inputs.attention_mask,
                        output_hidden_states=True)
         prompts = self.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
         track = (self.training and inputs.ref_frames is not None) if track is None else track
@@ -170,12 +174,17 @@ class InstructSegModel(nn.Module):
             tracked_scores = torch.stack([r.score_logits for r in refs], dim=1)
         else:
             decoded = self.decoder.decode(features, prompts)
+        vision_classes = decoder_classes = None
+        if self.category_heads is not None:
+            vision_classes, decoder_classes = self.category_heads(key_tokens, self.vision.grid, features.tokens,
+                                                                  features.size)
         return InstructSegOutput(logits=out.logits, mask_logits=decoded.mask_logits,
                                  score_logits=decoded.score_logits, object_valid=prompts.object_valid,
                                  text_embed=prompts.text_embed, track_mask_logits=tracked_masks,
                                  track_score_logits=tracked_scores,
                                  text_align_logits=features.grounding(prompts.text_embed[:, None])[:, 0],
-                                 object_align_logits=features.grounding(prompts.object_embeds))
+                                 object_align_logits=features.grounding(prompts.object_embeds),
+                                 vision_class_logits=vision_classes, decoder_class_logits=decoder_classes)
 
     @torch.no_grad()
     def generate(self, inputs: ModelInputs, *, max_new_tokens: int | None = None,
@@ -255,7 +264,8 @@ def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, st
         config.vision.pretrained and load_pretrained) else "random init"
     decoder = f"pretrained ({config.decoder.checkpoint})" if config.decoder.checkpoint else "random init"
     sources = {"llm": llm, "lora": "new (no adapter loaded)", "vision": vision, "decoder": decoder}
-    for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion", "object_norm", "text_norm"):
+    for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion", "object_norm", "text_norm",
+                 "category_heads"):
         sources[part] = "random init"
     sources["state_norm"] = "calibrated on the base LLM" if load_pretrained else "not calibrated"
     return sources

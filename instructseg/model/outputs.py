@@ -19,6 +19,8 @@ class ModelInputs:
     attention_mask:   (B, L) long.
     instruction_mask: (B, L) bool, True on the user's instruction tokens.
     labels:           (B, L) long with -100 outside answers, or None.
+    semantic:         (B, S, S) long category maps of the key frames for the auxiliary category heads (-1: a
+                      sample without one), or None.
     """
 
     frames: torch.Tensor
@@ -27,6 +29,7 @@ class ModelInputs:
     attention_mask: torch.Tensor
     instruction_mask: torch.Tensor
     labels: torch.Tensor | None = None
+    semantic: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelInputs":
         moved = {}
@@ -55,6 +58,9 @@ class InstructSegOutput:
     text_align_logits:   (B, h, w) grounding map: scaled cosine similarity of E_v with the decoder's coarse visual
                          tokens (training supervises it with the union of the targets), or None.
     object_align_logits: (B, N, h, w) the same for each object slot's decoder embedding, or None.
+    vision_class_logits:  (B, C + 1, h', w') category logits of the key frame's vision tokens (class 0: no object),
+                          when the model has category heads (`semantic_classes`), else None.
+    decoder_class_logits: (B, C + 1, h, w) the same for the decoder's coarse tokens, or None.
     """
 
     logits: torch.Tensor
@@ -66,6 +72,8 @@ class InstructSegOutput:
     track_score_logits: torch.Tensor | None = None
     text_align_logits: torch.Tensor | None = None
     object_align_logits: torch.Tensor | None = None
+    vision_class_logits: torch.Tensor | None = None
+    decoder_class_logits: torch.Tensor | None = None
 
 
 @dataclass

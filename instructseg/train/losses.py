@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from instructseg.errors import InputError
 from instructseg.model.outputs import InstructSegOutput
 from instructseg.model.tokens import IGNORE_INDEX
 
@@ -27,13 +28,16 @@ class LossWeights:
     # grounding maps (E_v and each object embedding vs the decoder's coarse tokens): BCE + dice against the targets
     # pooled to that grid. A direct signal that ties words to pixels, so the decoder cannot ignore the instruction.
     align: float = 2.0
+    # auxiliary category heads (models with `semantic_classes`): per-token cross-entropy against the category map
+    # pooled to each head's grid, for the vision tokens and for the decoder's coarse tokens
+    category: float = 1.0
     num_points: int = 0  # 0: mask losses on every pixel; > 0: on this many importance-sampled points per mask
 
 
 @dataclass
 class LossOutput:
-    """total: scalar to backpropagate. parts: unweighted "lm", "score", "mask", "dice", "align" as floats, for
-    logging."""
+    """total: scalar to backpropagate. parts: unweighted "lm", "score", "mask", "dice", "align" (and with
+    category maps "category_vision", "category_decoder") as floats, for logging."""
 
     total: torch.Tensor
     parts: dict[str, float]
@@ -174,12 +178,23 @@ class SegmentationLoss:
         return sigmoid_bce(logits, targets), dice_loss(logits, targets)
 
     def __call__(self, outputs: InstructSegOutput, labels: torch.Tensor | None,
-                 target_masks: list[torch.Tensor], ref_masks: list[torch.Tensor] | None = None) -> LossOutput:
+                 target_masks: list[torch.Tensor], ref_masks: list[torch.Tensor] | None = None,
+                 categories: torch.Tensor | None = None) -> LossOutput:
         """outputs: model outputs (mask_logits (B, N, S, S)); labels (B, L) or None (no LM loss);
         target_masks: B tensors (K_i, S, S) bool at the decoder resolution (K_i = 0: no target);
         ref_masks: B tensors (R, K_i, S, S), the targets on the reference frames, when the outputs were tracked
-        (`track_mask_logits`): each reference frame is then scored like a key frame, and the parts add up."""
+        (`track_mask_logits`): each reference frame is then scored like a key frame, and the parts add up;
+        categories: (B, S, S) long category maps of the key frames (-1: none), for models with category heads."""
         result = self._frame_loss(outputs, labels, target_masks)
+        if outputs.vision_class_logits is not None and self.weights.category > 0:
+            # (every batch reaches the heads, with or without maps: distributed ranks agree on what has gradients)
+            parts, total = dict(result.parts), result.total
+            for name, logits in (("vision", outputs.vision_class_logits), ("decoder", outputs.decoder_class_logits)):
+                loss = category_loss(logits, categories)
+                total = total + self.weights.category * loss
+                if categories is not None and bool((categories >= 0).any()):
+                    parts[f"category_{name}"] = float(loss.detach())
+            result = LossOutput(total=total, parts=parts)
         if outputs.track_mask_logits is None or ref_masks is None:
             return result
         b, r, n = outputs.track_score_logits.shape
@@ -231,6 +246,25 @@ class SegmentationLoss:
             total = total + w.lm * lm
             parts = {"lm": float(lm.detach()), **parts}
         return LossOutput(total=total, parts=parts)
+
+
+def category_loss(logits: torch.Tensor, categories: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy of per-token category logits (B, K + 1, h, w) against category maps (B, S, S) long (class 0 no
+    object, -1 on samples without a map), the target of a token being the share of each class in its cell.
+    0 (still attached to `logits`) when no sample has a map."""
+    if categories is None:
+        return logits.sum() * 0.0
+    has = (categories >= 0).flatten(1).all(1)
+    if not bool(has.any()):
+        return logits.sum() * 0.0
+    classes = logits.shape[1]
+    top = int(categories.max())
+    if top >= classes:
+        raise InputError(f"a category map holds class {top}, but the model's category heads know "
+                         f"{classes - 1} (semantic_classes={classes - 1}): set it to the number of categories")
+    onehot = F.one_hot(categories[has].to(logits.device), classes).permute(0, 3, 1, 2).float()
+    target = F.adaptive_avg_pool2d(onehot, tuple(logits.shape[-2:]))
+    return -(target * logits[has].float().log_softmax(1)).sum(1).mean()
 
 
 def _align_loss(outputs: InstructSegOutput, target_masks: list[torch.Tensor], pair_idx: torch.Tensor,

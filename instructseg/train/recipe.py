@@ -68,12 +68,25 @@ class TrainSettings:
 
 
 @dataclass
+class EncoderStage:
+    """Before the joint training of a fresh run (skipped on resume): `steps` of the category loss alone on the
+    vision and decoder image encoders (`instructseg.train.encoders`); needs a model with category heads."""
+
+    steps: int = 0
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    data: list[DataSource] = field(default_factory=list)  # RefCOCO-format sources whose instances.json has categories
+
+
+@dataclass
 class Recipe:
     model: str = "tiny"
     model_overrides: list[str] = field(default_factory=list)
     synth: SynthData | None = None
     data: list[DataSource] = field(default_factory=list)
     train: TrainSettings = field(default_factory=TrainSettings)
+    encoders: EncoderStage = field(default_factory=EncoderStage)
     output_dir: str = "runs/default"
     recipe_dir: str = "."  # set by load_recipe: where relative DeepSpeed config paths also resolve
 
@@ -89,9 +102,16 @@ def _recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
     data = dict(data)
     sources = data.pop("data", [])
     synth = data.pop("synth", None)
-    if not isinstance(sources, list):
-        raise InputError(f"{source}: 'data' must be a list of sources")
+    encoders = dict(data.pop("encoders", None) or {})
+    encoder_sources = encoders.pop("data", [])
+    if not isinstance(sources, list) or not isinstance(encoder_sources, list):
+        raise InputError(f"{source}: 'data' and 'encoders.data' must be lists of sources")
     recipe = build_dataclass(Recipe, data, source)
+    recipe.encoders = build_dataclass(EncoderStage, encoders, f"{source} encoders")
+    recipe.encoders.data = [build_dataclass(DataSource, s, f"{source} encoders.data[{i}]")
+                            for i, s in enumerate(encoder_sources)]
+    if recipe.encoders.steps > 0 and not recipe.encoders.data:
+        raise InputError(f"{source}: encoders.steps={recipe.encoders.steps} but encoders.data lists no sources")
     recipe.data = [build_dataclass(DataSource, s, f"{source} data[{i}]") for i, s in enumerate(sources)]
     recipe.synth = build_dataclass(SynthData, synth, f"{source} synth") if synth is not None else None
     if not recipe.data:

@@ -101,6 +101,8 @@ class Trainer:
         self.root = self.out / "checkpoints"
         model = build_model(recipe)
         model.train()
+        if recipe.encoders.steps > 0 and ckpt.latest_complete(self.root) is None:
+            self._encoder_stage(model)
         self.model = model
         self.cuda = self.device.type == "cuda"
         self.datasets, self.sampler = self._data(model)
@@ -121,6 +123,22 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=params, config=ds_config)
 
         self.step = 0
+
+    def _encoder_stage(self, model) -> None:
+        from instructseg.train.encoders import train_encoders
+
+        log = None
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            log = self.out / "encoders.jsonl"
+            log.unlink(missing_ok=True)  # an interrupted stage starts again
+            print(f"encoder stage: {self.recipe.encoders.steps} steps", flush=True)
+        model.to(self.device)
+        losses = train_encoders(model, self.recipe.encoders, seed=self.recipe.train.seed, device=self.device,
+                                log_path=log)
+        if self.rank == 0:
+            print(f"encoder stage: category loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}",
+                  flush=True)
 
     def _data(self, model):
         from instructseg.data.mixture import MixtureSampler
@@ -181,7 +199,7 @@ class Trainer:
             inputs, masks, ref_masks = self.micro_batch()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe.train.cpu_bf16 and not self.cuda):
                 out = self.engine(inputs)
-                loss = self.loss(out, inputs.labels, masks, ref_masks)
+                loss = self.loss(out, inputs.labels, masks, ref_masks, inputs.semantic)
             self.engine.backward(loss.total)
             self.engine.step()
             for key, value in {"loss": float(loss.total.detach()), **loss.parts}.items():

@@ -1,7 +1,8 @@
 """RefCOCO / RefCOCO+ / RefCOCOg reader (the REFER release layout).
 
 ```
-root/instances.json      COCO: images [{id, file_name, height, width}], annotations [{id, image_id, segmentation}]
+root/instances.json      COCO: images [{id, file_name, height, width}], annotations [{id, image_id, segmentation,
+                         category_id}], categories [{id, name}] (optional: the category maps for training)
 root/refs(<split_by>).p  pickle of [{ref_id, ann_id, image_id, split, sentences: [{sent, sent_id, ...}], ...}]
 root/images/<file_name>  the COCO images (train2014), named as in instances.json
 ```
@@ -75,6 +76,30 @@ def _annotation_mask(ann: dict, height: int, width: int, path: Path) -> np.ndarr
     return mask[None]
 
 
+def _category_map(anns: list[dict], classes: dict[int, int], height: int, width: int, path: Path) -> np.ndarray:
+    """(H, W) int16: the image's annotations painted in file order (later ones on top) with their class."""
+    out = np.zeros((height, width), dtype=np.int16)
+    for ann in anns:
+        out[_annotation_mask(ann, height, width, path)[0]] = classes[ann["category_id"]]
+    return out
+
+
+def _categories(coco: dict, annotations: dict, path: Path) -> tuple[dict[int, int], dict[int, list[dict]]] | None:
+    """({category_id: class}, {image_id: its annotations}) for the category maps, or None when instances.json
+    lists no categories. Class c is the category at position c - 1 of `categories`."""
+    if not coco.get("categories"):
+        return None
+    listed = require_list(coco["categories"], path, "'categories'")
+    classes = {require(c, "id", path, f"categories[{i}]"): i + 1 for i, c in enumerate(listed)}
+    by_image: dict[int, list[dict]] = {}
+    for ann in annotations.values():
+        category = require(ann, "category_id", path, f"annotation {ann.get('id')}")
+        if category not in classes:
+            raise InputError(f"{path}: annotation {ann.get('id')} has category_id {category}, not in 'categories'")
+        by_image.setdefault(ann.get("image_id"), []).append(ann)
+    return classes, by_image
+
+
 def read_refcoco(root: Path, dataset: str = "refcoco", split_by: str = "unc", split: str = "val") -> list[ImageSample]:
     """One sample per sentence of the refs in `split` (e.g. "train", "val", "testA", "testB", "test").
 
@@ -89,18 +114,19 @@ def read_refcoco(root: Path, dataset: str = "refcoco", split_by: str = "unc", sp
     images = _index(require(coco, "images", coco_path), coco_path, "images")
     annotations = _index(require(coco, "annotations", coco_path), coco_path, "annotations")
     refs = load_refs(refs_path)
+    categories = _categories(coco, annotations, coco_path)
     chosen = [ref for i, ref in enumerate(refs) if require(ref, "split", refs_path, f"refs[{i}]") == split]
     if not chosen:
         present = sorted({str(ref["split"]) for ref in refs})
         raise InputError(f"{refs_path}: no refs in split {split!r} (splits present: {', '.join(present) or 'none'})")
     samples = []
     for ref in chosen:
-        samples += _ref_samples(ref, images, annotations, root, coco_path, refs_path, dataset, split)
+        samples += _ref_samples(ref, images, annotations, categories, root, coco_path, refs_path, dataset, split)
     return samples
 
 
-def _ref_samples(ref: dict, images: dict, annotations: dict, root: Path, coco_path: Path, refs_path: Path,
-                 dataset: str, split: str) -> list[ImageSample]:
+def _ref_samples(ref: dict, images: dict, annotations: dict, categories: tuple | None, root: Path, coco_path: Path,
+                 refs_path: Path, dataset: str, split: str) -> list[ImageSample]:
     where = f"ref {ref.get('ref_id')}"
     ann_id, image_id = require(ref, "ann_id", refs_path, where), require(ref, "image_id", refs_path, where)
     if ann_id not in annotations:
@@ -112,6 +138,10 @@ def _ref_samples(ref: dict, images: dict, annotations: dict, root: Path, coco_pa
     width = int(require(image, "width", coco_path, f"image {image_id}"))
     image_path = root / "images" / str(require(image, "file_name", coco_path, f"image {image_id}"))
     loader = partial(_annotation_mask, annotations[ann_id], height, width, coco_path)
+    semantic = None
+    if categories is not None:
+        classes, by_image = categories
+        semantic = partial(_category_map, by_image.get(image_id, []), classes, height, width, coco_path)
     samples = []
     sentences = require_list(require(ref, "sentences", refs_path, where), refs_path, f"{where} sentences")
     for k, sentence in enumerate(sentences):
@@ -119,5 +149,5 @@ def _ref_samples(ref: dict, images: dict, annotations: dict, root: Path, coco_pa
         sent_id = sentence.get("sent_id", k)
         samples.append(ImageSample(
             dataset=dataset, sample_id=f"{ref.get('ref_id')}_{sent_id}", image_path=image_path, text=text,
-            height=height, width=width, split=split, mask_loader=loader))
+            height=height, width=width, split=split, mask_loader=loader, semantic_loader=semantic))
     return samples

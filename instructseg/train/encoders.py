@@ -1,0 +1,111 @@
+"""The encoder stage of a recipe: before the joint training of a fresh run, the vision encoder and the decoder's
+image encoder learn object categories from category maps alone (`model.category_heads`), without the LLM.
+
+Why: trained only through grounding losses, small encoders learn colour (which tells most referred objects apart)
+and hardly any shape. The category loss teaches shape, but in joint training it gets a few labelled images per
+step of a step the LLM makes expensive; alone, a batch of 16 images costs about a second on two CPU cores.
+Measured on ShapesIVS, starting from the fourth session's default model: the decoder head names the shape of
+held-out objects 19 % of the time (chance 20 %) before, 74 % after 1000 steps of batch 16.
+
+A run that resumes from a checkpoint skips the stage (the checkpoint holds its result). Every rank runs it with
+the same seed and data, so all start the joint training from the same weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from instructseg.data.collate import resize_categories, resize_frame
+from instructseg.data.formats import REFCOCO_DATASETS, read_refcoco
+from instructseg.data.training import REFCOCO_SPLIT_BY, load_rgb
+from instructseg.errors import InputError
+from instructseg.llm.precision import native_bf16
+from instructseg.train.losses import category_loss
+
+
+def category_images(sources) -> list:
+    """One ImageSample per distinct image of the recipe's encoder-stage sources (RefCOCO kinds with categories)."""
+    images = {}
+    for source in sources:
+        if source.kind not in REFCOCO_DATASETS:
+            raise InputError(f"encoders.data: source kind {source.kind!r} has no category maps; use one of "
+                             f"{', '.join(REFCOCO_DATASETS)}")
+        for sample in read_refcoco(Path(source.root), source.kind, REFCOCO_SPLIT_BY[source.kind], source.split):
+            if sample.semantic_loader is None:
+                raise InputError(f"{Path(source.root) / 'instances.json'}: no 'categories', so no category maps "
+                                 "for the encoder stage")
+            images.setdefault(sample.image_path, sample)
+    if not images:
+        raise InputError("encoders.data: no images")
+    return list(images.values())
+
+
+def _batch(images: list, picks: list[int], size: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames (B, 3, S, S) and category maps (B, S, S); each image flipped left-right at random."""
+    frames, maps = [], []
+    for index in picks:
+        sample = images[index]
+        frame, classes = load_rgb(sample.image_path), sample.semantic()
+        if rng.random() < 0.5:
+            frame, classes = frame[:, ::-1], classes[:, ::-1]
+        frames.append(resize_frame(np.ascontiguousarray(frame), size))
+        maps.append(resize_categories(classes, size))
+    return torch.stack(frames), torch.stack(maps)
+
+
+def _parameters(model) -> list[torch.nn.Parameter]:
+    parts = [model.decoder.sam.image_encoder if hasattr(model.decoder, "sam") else model.decoder, model.category_heads]
+    if not model.config.vision.freeze:
+        parts.append(model.vision)
+    return [p for part in parts for p in part.parameters() if p.requires_grad]
+
+
+def train_encoders(model, stage, *, seed: int, device: torch.device, log_path: Path | None = None) -> list[float]:
+    """Run the encoder stage (`stage`: the recipe's `EncoderStage`) on `model` in place; returns the losses."""
+    if model.category_heads is None:
+        raise InputError("encoders: the model has no category heads; set semantic_classes (model_overrides or "
+                         "its config.json) to the number of categories")
+    images = category_images(stage.data)
+    params = _parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=stage.lr)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(stage.warmup_steps, 1))
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(stage.steps, 1))))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    rng = random.Random(seed)
+    size = model.decoder.image_size
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=native_bf16(device))
+    was_training, losses = model.training, []
+    model.train()
+    log = open(log_path, "a") if log_path is not None else None
+    try:
+        for step in range(1, stage.steps + 1):
+            frames, maps = _batch(images, [rng.randrange(len(images)) for _ in range(stage.batch_size)], size, rng)
+            frames, maps = frames.to(device), maps.to(device)
+            with autocast:
+                features = model.decoder.encode(frames)
+                vision_logits, decoder_logits = model.category_heads(model.visual_tokens(frames), model.vision.grid,
+                                                                     features.tokens, features.size)
+            loss = category_loss(vision_logits, maps) + category_loss(decoder_logits, maps)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            if log is not None:
+                log.write(json.dumps({"encoder_step": step, "time": time.time(), "loss": losses[-1]}) + "\n")
+                log.flush()
+    finally:
+        if log is not None:
+            log.close()
+        model.train(was_training)
+        optimizer.zero_grad(set_to_none=True)
+    return losses
