@@ -189,13 +189,15 @@ def test_two_ranks_zero3_train_and_export_loads(tmp_path, synth_root, preset):
 
 
 def test_encoder_stage_learns_categories_and_is_skipped_on_resume(tmp_path, synth_root):
-    """A fresh run first trains the encoders on category maps (encoders.jsonl: one row per step, loss falling);
-    a run resumed from a checkpoint does not repeat the stage."""
+    """A fresh run first generates the stage's own images, then trains the encoders on their category maps
+    (encoders.jsonl: one row per step, loss falling); a run resumed from a checkpoint does not repeat the stage."""
     recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2)
     data = yaml.safe_load(recipe.read_text())
     data["model_overrides"] = ["semantic_classes=5"]
+    enc = tmp_path / "enc"
     data["encoders"] = {"steps": 40, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1,
-                        "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco"), "split": "train"}]}
+                        "synth": {"out": str(enc), "seed": 3, "videos": 0, "images": 16, "size": [64, 64]},
+                        "data": [{"kind": "refcoco", "root": str(enc / "refcoco"), "split": "train"}]}
     recipe.write_text(yaml.safe_dump(data))
     result = _train([str(recipe)])
     assert "encoder stage: 40 steps" in result.stdout
