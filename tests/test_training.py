@@ -237,3 +237,25 @@ def test_encoder_stage_errors(tmp_path, synth_root):
     small = InstructSegModel(preset("tiny").override(["semantic_classes=2"]))  # the data has 5 categories
     with pytest.raises(InputError, match="category map holds class 5"):
         train_encoders(small, EncoderStage(steps=3, data=[refcoco]), seed=0, device=torch.device("cpu"))
+
+
+def test_frozen_modules_keep_their_weights(tmp_path, synth_root):
+    """train.freeze: the named modules come out of training as they went in, the rest trains; an unknown prefix is
+    a one-line error."""
+    import torch
+
+    from instructseg.config import preset
+    from instructseg.model.instructseg import InstructSegModel
+
+    recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2, freeze=["vision", "decoder.sam.image_encoder.trunk"])
+    _train([str(recipe)])
+    torch.manual_seed(0)  # the trainer builds a preset under train.seed
+    initial = InstructSegModel(preset("tiny")).state_dict()
+    trained = InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict()
+    for key in ("vision.", "decoder.sam.image_encoder.trunk.", "fusion.", "decoder.sam.image_encoder.neck."):
+        same = all(torch.equal(initial[k], trained[k]) for k in initial if k.startswith(key))
+        assert same == (key in ("vision.", "decoder.sam.image_encoder.trunk.")), key
+    bad = subprocess.run([sys.executable, "-m", "instructseg", "train", str(recipe), "train.freeze=[visoin]",
+                          f"output_dir={tmp_path / 'bad'}"], capture_output=True, text=True, env=_env(), cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == \
+        "instructseg: error: train.freeze: no parameters under 'visoin'"

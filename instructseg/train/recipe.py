@@ -64,6 +64,8 @@ class TrainSettings:
     # CPU only: bf16 autocast for the forward (weights, gradients and optimizer stay fp32). About 2x faster on CPUs
     # with AVX512-BF16 or AMX; on GPU, DeepSpeed's bf16 mode is always used.
     cpu_bf16: bool = False
+    # module prefixes of parameters that do not train (e.g. decoder.sam.image_encoder.trunk after the encoder stage)
+    freeze: list[str] = field(default_factory=list)
     loss: LossWeights = field(default_factory=LossWeights)
 
 

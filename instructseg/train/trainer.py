@@ -65,6 +65,16 @@ def _ensure_synth(recipe: Recipe, rank: int) -> None:
     dist.barrier()
 
 
+def _freeze(model, prefixes: list[str]) -> None:
+    """Parameters under the module prefixes in `prefixes` stop training."""
+    for prefix in prefixes:
+        matched = [p for name, p in model.named_parameters() if name == prefix or name.startswith(prefix + ".")]
+        if not matched:
+            raise InputError(f"train.freeze: no parameters under {prefix!r}")
+        for param in matched:
+            param.requires_grad_(False)
+
+
 def _schedule(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -103,6 +113,7 @@ class Trainer:
         model.train()
         if recipe.encoders.steps > 0 and ckpt.latest_complete(self.root) is None:
             self._encoder_stage(model)
+        _freeze(model, recipe.train.freeze)
         self.model = model
         self.cuda = self.device.type == "cuda"
         self.datasets, self.sampler = self._data(model)
