@@ -190,8 +190,11 @@ def test_two_ranks_zero3_train_and_export_loads(tmp_path, synth_root, preset):
 
 def test_encoder_stage_learns_categories_and_is_skipped_on_resume(tmp_path, synth_root):
     """A fresh run first generates the stage's own images, then trains the encoders on their category maps
-    (encoders.jsonl: one row per step, loss falling); a run resumed from a checkpoint does not repeat the stage."""
-    recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2)
+    (encoders.jsonl: one row per step, loss falling); a run resumed from a checkpoint does not repeat the stage
+    but loads its result (its frozen encoders are not in the checkpoints), and refuses to go on without it."""
+    import torch
+
+    recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2, freeze=["vision"])
     data = yaml.safe_load(recipe.read_text())
     data["model_overrides"] = ["semantic_classes=5"]
     enc = tmp_path / "enc"
@@ -208,6 +211,19 @@ def test_encoder_stage_learns_categories_and_is_skipped_on_resume(tmp_path, synt
     result = _train([str(recipe), "train.steps=3"])
     assert "encoder stage" not in result.stdout and "resuming from" in result.stdout
     assert len((tmp_path / "run" / "encoders.jsonl").read_text().splitlines()) == 40
+    # the frozen ViT of the resumed run is the stage's (checkpoints leave frozen parameters out)
+    from safetensors.torch import load_file
+
+    from instructseg.model.instructseg import InstructSegModel
+
+    stage = load_file(str(tmp_path / "run" / "encoders.safetensors"))
+    final = InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict()
+    vision = [k for k in stage if k.startswith("vision.")]
+    assert vision and all(torch.equal(stage[k], final[k]) for k in vision)
+    (tmp_path / "run" / "encoders.safetensors").unlink()
+    missing = subprocess.run([sys.executable, "-m", "instructseg", "train", str(recipe), "train.steps=4"],
+                             capture_output=True, text=True, env=_env(), cwd=REPO)
+    assert missing.returncode == 2 and "encoders.safetensors: missing" in missing.stderr
 
 
 def test_encoder_stage_errors(tmp_path, synth_root):

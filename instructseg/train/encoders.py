@@ -9,8 +9,10 @@ held-out objects 19 % of the time (chance 20 %) before, 83 % after 2000 steps of
 (49 % on the joint training's 540 images, which it learns by heart). Joint training afterwards unlearns it unless
 the encoders are frozen (`train.freeze`).
 
-A run that resumes from a checkpoint skips the stage (the checkpoint holds its result). Every rank runs it with
-the same seed and data, so all start the joint training from the same weights.
+The stage's result is written to `OUTPUT/encoders.safetensors`; a run that resumes from a checkpoint loads it
+instead of running the stage again (checkpoints leave frozen parameters out, and `train.freeze` usually names the
+encoders). Every rank runs the stage with the same seed and data, so all start the joint training from the same
+weights.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from instructseg.data.training import REFCOCO_SPLIT_BY, load_rgb
 from instructseg.errors import InputError
 from instructseg.llm.precision import native_bf16
 from instructseg.train.losses import category_loss
+
+RESULT = "encoders.safetensors"
 
 
 def category_images(sources) -> list:
@@ -61,11 +65,37 @@ def _batch(images: list, picks: list[int], size: int, rng: random.Random) -> tup
     return torch.stack(frames), torch.stack(maps)
 
 
-def _parameters(model) -> list[torch.nn.Parameter]:
-    parts = [model.decoder.sam.image_encoder if hasattr(model.decoder, "sam") else model.decoder, model.category_heads]
+def _trained(model) -> dict[str, torch.nn.Parameter]:
+    """The parameters the stage trains, by name: the decoder's image encoder, the category heads and the vision
+    encoder (unless it is a frozen pretrained tower)."""
+    prefixes = ["decoder.sam.image_encoder." if hasattr(model.decoder, "sam") else "decoder.", "category_heads."]
     if not model.config.vision.freeze:
-        parts.append(model.vision)
-    return [p for part in parts for p in part.parameters() if p.requires_grad]
+        prefixes.append("vision.")
+    return {name: p for name, p in model.named_parameters() if p.requires_grad and name.startswith(tuple(prefixes))}
+
+
+def save_result(model, path: Path) -> None:
+    from safetensors.torch import save
+
+    from instructseg.atomic import write_bytes
+
+    write_bytes(path, save({name: p.detach().contiguous().cpu() for name, p in _trained(model).items()}))
+
+
+def load_result(model, path: Path) -> None:
+    """Put a finished stage's weights back into `model` (a resumed run)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"{path}: missing; this run's checkpoints were trained after its encoder stage and need "
+                         "its result (remove the checkpoints to start again)")
+    trained = _trained(model)
+    state = load_file(str(path))
+    if set(state) != set(trained):
+        raise InputError(f"{path}: does not match the model's encoders (was it written for another model?)")
+    with torch.no_grad():
+        for name, value in state.items():
+            trained[name].copy_(value)
 
 
 def train_encoders(model, stage, *, seed: int, device: torch.device, log_path: Path | None = None) -> list[float]:
@@ -74,7 +104,7 @@ def train_encoders(model, stage, *, seed: int, device: torch.device, log_path: P
         raise InputError("encoders: the model has no category heads; set semantic_classes (model_overrides or "
                          "its config.json) to the number of categories")
     images = category_images(stage.data)
-    params = _parameters(model)
+    params = list(_trained(model).values())
     optimizer = torch.optim.AdamW(params, lr=stage.lr)
 
     def factor(step: int) -> float:

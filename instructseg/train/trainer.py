@@ -111,7 +111,7 @@ class Trainer:
         self.root = self.out / "checkpoints"
         model = build_model(recipe)
         model.train()
-        if recipe.encoders.steps > 0 and ckpt.latest_complete(self.root) is None:
+        if recipe.encoders.steps > 0:
             self._encoder_stage(model)
         _freeze(model, recipe.train.freeze)
         self.model = model
@@ -136,8 +136,14 @@ class Trainer:
         self.step = 0
 
     def _encoder_stage(self, model) -> None:
-        from instructseg.train.encoders import train_encoders
+        """Run the stage on a fresh run; on a resumed one, load its result."""
+        import torch.distributed as dist
 
+        from instructseg.train.encoders import RESULT, load_result, save_result, train_encoders
+
+        if ckpt.latest_complete(self.root) is not None:
+            load_result(model, self.out / RESULT)
+            return
         log = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -148,8 +154,10 @@ class Trainer:
         losses = train_encoders(model, self.recipe.encoders, seed=self.recipe.train.seed, device=self.device,
                                 log_path=log)
         if self.rank == 0:
+            save_result(model, self.out / RESULT)
             print(f"encoder stage: category loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}",
                   flush=True)
+        dist.barrier()
 
     def _data(self, model):
         from instructseg.data.mixture import MixtureSampler
