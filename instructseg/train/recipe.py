@@ -103,27 +103,29 @@ class Recipe:
         raise InputError(f"train.deepspeed={self.train.deepspeed!r}: DeepSpeed config not found")
 
 
+def _pop_data(section: dict[str, Any], source: str, prefix: str) -> tuple[list[DataSource], SynthData | None]:
+    """Pop a section's `data` (sources) and `synth` keys, built; `prefix` names the section in errors."""
+    sources = section.pop("data", [])
+    synth = section.pop("synth", None)
+    if not isinstance(sources, list):
+        raise InputError(f"{source}: '{prefix}data' must be a list of sources")
+    built = [build_dataclass(DataSource, s, f"{source} {prefix}data[{i}]") for i, s in enumerate(sources)]
+    return built, build_dataclass(SynthData, synth, f"{source} {prefix}synth") if synth is not None else None
+
+
 def _recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
     data = dict(data)
-    sources = data.pop("data", [])
-    synth = data.pop("synth", None)
+    sources, synth = _pop_data(data, source, "")
     encoders = dict(data.pop("encoders", None) or {})
-    encoder_sources = encoders.pop("data", [])
-    encoder_synth = encoders.pop("synth", None)
-    if not isinstance(sources, list) or not isinstance(encoder_sources, list):
-        raise InputError(f"{source}: 'data' and 'encoders.data' must be lists of sources")
+    encoder_sources, encoder_synth = _pop_data(encoders, source, "encoders.")
     recipe = build_dataclass(Recipe, data, source)
+    recipe.data, recipe.synth = sources, synth
     recipe.encoders = build_dataclass(EncoderStage, encoders, f"{source} encoders")
-    recipe.encoders.data = [build_dataclass(DataSource, s, f"{source} encoders.data[{i}]")
-                            for i, s in enumerate(encoder_sources)]
-    if encoder_synth is not None:
-        recipe.encoders.synth = build_dataclass(SynthData, encoder_synth, f"{source} encoders.synth")
-    if recipe.encoders.steps > 0 and not recipe.encoders.data:
-        raise InputError(f"{source}: encoders.steps={recipe.encoders.steps} but encoders.data lists no sources")
-    recipe.data = [build_dataclass(DataSource, s, f"{source} data[{i}]") for i, s in enumerate(sources)]
-    recipe.synth = build_dataclass(SynthData, synth, f"{source} synth") if synth is not None else None
+    recipe.encoders.data, recipe.encoders.synth = encoder_sources, encoder_synth
     if not recipe.data:
         raise InputError(f"{source}: the recipe lists no data sources")
+    if recipe.encoders.steps > 0 and not recipe.encoders.data:
+        raise InputError(f"{source}: encoders.steps={recipe.encoders.steps} but encoders.data lists no sources")
     return recipe
 
 
