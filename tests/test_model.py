@@ -386,3 +386,54 @@ def test_category_heads_train_the_encoders_and_load_into_an_older_model(tmp_path
     again = load_model(tmp_path / "heads")
     assert again.weight_sources["category_heads"].startswith("trained")
     assert torch.equal(again.category_heads.vision.weight, model.category_heads.vision.weight)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-m2f"])
+def test_decoder_view_starts_neutral_then_shows_the_decoder_features_to_the_llm(name, tmp_path):
+    """decoder_view adds the decoder's pooled coarse features to the `<img>` slots through a projector whose last
+    layer starts at zero: a trained model given the view answers exactly as before; once the projector trains,
+    the `<img>` slots (only they) change, generate and a teacher-forced pass agree, and the weights round-trip."""
+    plain = _model(name).eval()
+    plain.save_pretrained(tmp_path / "plain")
+    cfg = json.loads((tmp_path / "plain" / "config.json").read_text())
+    cfg["decoder_view"] = True
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg))
+    model = load_model(tmp_path / "plain").eval()
+    assert model.weight_sources["decoder_projector"] == "random init" and plain.decoder_projector is None
+    inputs = _inputs(model, [("the red circle", "It is the red circle [SEG].")], video=True)
+    torch.testing.assert_close(model(inputs, track=False).logits, plain(inputs, track=False).logits)
+
+    model.train()
+    out = model(inputs, track=False)
+    model.zero_grad()
+    out.logits.float().pow(2).mean().backward()
+    assert model.decoder_projector[-1].weight.grad.abs().sum() > 0  # the LM loss reaches the view
+    with torch.no_grad():
+        torch.nn.init.normal_(model.decoder_projector[-1].weight, std=0.5)
+    model.eval()
+    with torch.no_grad():
+        changed = (model.embed(inputs) - plain.embed(inputs)).abs().sum(-1) > 0
+    assert torch.equal(changed, inputs.input_ids == model.token_ids[IMG])
+    other = inputs.frames.flip(-1)  # the view follows the frame the decoder sees
+    with torch.no_grad():
+        flipped = model.embed(ModelInputs(frames=other, ref_frames=inputs.ref_frames, input_ids=inputs.input_ids,
+                                          attention_mask=inputs.attention_mask,
+                                          instruction_mask=inputs.instruction_mask),
+                              key_tokens=model.visual_tokens(inputs.frames))
+        assert not torch.allclose(flipped, model.embed(inputs), atol=1e-5)
+
+    prompt = _inputs(model, [("the red circle", None)], video=False)
+    tok = model.tokenizer
+    answer = tok("Here: [SEG]", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    gen = model.generate(prompt, max_new_tokens=len(answer), logits_processor=LogitsProcessorList([_Force(0, answer)]))
+    ids = torch.tensor([answer])
+    full = ModelInputs(frames=prompt.frames, ref_frames=None, input_ids=torch.cat([prompt.input_ids, ids], 1),
+                       attention_mask=torch.ones(1, prompt.input_ids.shape[1] + ids.shape[1], dtype=torch.long),
+                       instruction_mask=torch.nn.functional.pad(prompt.instruction_mask, (0, ids.shape[1])))
+    forced = model.condition(full, gen.features)
+    torch.testing.assert_close(gen.prompts.object_embeds, forced.object_embeds, atol=1e-4, rtol=1e-4)
+
+    model.save_pretrained(tmp_path / "view")
+    again = load_model(tmp_path / "view")
+    assert again.weight_sources["decoder_projector"].startswith("trained")
+    assert torch.equal(again.decoder_projector[-1].weight, model.decoder_projector[-1].weight)
