@@ -107,13 +107,6 @@ class ModelConfig:
     # `semantic_classes` categories + "no object"), trained on the category maps of sources that have them
     # (RefCOCO-format instances.json); they teach the encoders what objects are. Unused at inference.
     semantic_classes: int = 0
-    # the `<img>` slots also carry the mask decoder's coarse features of the key frame (pooled to the same grid,
-    # through their own projector whose last layer starts at zero, so adding the view to a trained model changes
-    # nothing until it trains): a decoder that has learnt what objects are shows them to the LLM
-    decoder_view: bool = False
-    # the `<img>` slots are mixtures of the LLM's own word embeddings, softmax(v . E^T) . E for a projected visual
-    # token v: the LLM reads them like words (in its input distribution, at word-embedding scale)
-    visual_vocab: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,7 +209,7 @@ DEFAULT_ARCH_OVERRIDES = [
     "perceiver.num_latents=2", "perceiver.num_ref_frames=4", "perceiver.layers=1", "perceiver.dim=128",
     "llm.lora_r=16", "llm.lora_alpha=32", "llm.max_new_tokens=24", "fusion.layers=2",
     "decoder.sam2_config=tiny", "decoder.sam2_hidden_dim=64", "decoder.image_size=256", "visual_grid=4",
-    "semantic_classes=5", "decoder_view=true",
+    "semantic_classes=5",
 ]
 
 # A randomly initialised LLM of about 1.5B parameters shaped like Qwen2-1.5B, to show how the video modes scale

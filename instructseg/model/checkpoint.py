@@ -7,9 +7,8 @@ Layout of a saved model:
     llm/                 the LLM itself, only when it is not a reference (random init, or merged with LoRA)
     tokenizer/           the tokenizer with our special tokens
 The base LLM is referenced by `llm.source`, not copied, unless it is random or merged. Any missing or unexpected key
-raises an InputError naming the file, except modules a model can gain when it is fine-tuned further: the
-training-only category heads (`semantic_classes`) and the decoder view's projector (`decoder_view`, which starts at
-zero); a model saved without them loads into a config that has them, with new ones.
+raises an InputError naming the file, except the training-only category heads: a model saved without them loads
+into a config that has them (`semantic_classes` added to its config.json to fine-tune with them) with new heads.
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from instructseg.llm.lora import adapter_merged
 from instructseg.llm.precision import check_saveable
 
 WEIGHTS = "model.safetensors"
-_ADDABLE = ("category_heads", "decoder_projector")  # may be missing from a file: they start new
+_NEW_HEADS = "category_heads."
 
 
 def _own_tensors(model) -> dict[str, torch.Tensor]:
@@ -113,7 +112,7 @@ def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", s
     saved = _load_own_state(model, path / WEIGHTS)
     trained = f"trained ({path / WEIGHTS})"
     for part in model.weight_sources:
-        optional = part == "vision" or part in _ADDABLE  # a frozen pretrained tower or new modules: not in the file
+        optional = part in ("vision", "category_heads")  # a frozen pretrained tower or new heads: not in the file
         if part not in ("llm", "lora") and not (optional and not any(k.startswith(part + ".") for k in saved)):
             model.weight_sources[part] = trained
     if config.llm.source == "llm":
@@ -134,7 +133,7 @@ def _load_own_state(model, file: Path) -> set[str]:
         raise InputError(f"{file}: not a readable safetensors file ({err})") from None
     expected = _own_tensors(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    missing = [key for key in missing if key.split(".")[0] not in _ADDABLE]  # these start new
+    missing = [key for key in missing if not key.startswith(_NEW_HEADS)]  # these start untrained
     if missing or unexpected:
         raise InputError(f"{file}: does not match config.json (missing keys: {missing[:4]}{'...' if len(missing) > 4 else ''}; "
                          f"unexpected keys: {unexpected[:4]}{'...' if len(unexpected) > 4 else ''})")

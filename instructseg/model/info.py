@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from instructseg.model.checkpoint import load_model
 
-COMPONENTS = ("vision", "projector", "decoder_projector", "perceiver", "mask_queries", "llm", "object_proj", "fusion", "object_norm",
+COMPONENTS = ("vision", "projector", "perceiver", "mask_queries", "llm", "object_proj", "fusion", "object_norm",
               "text_norm", "decoder", "category_heads")
 
 

@@ -1,7 +1,6 @@
 """InstructSegModel: vision encoder + OVP + LLM (LoRA) + VMTF + mask decoder, assembled from a `ModelConfig`.
 
-Data flow (one prompt): the key frame's CLIP tokens are pooled and projected into `<img>` slots (with `decoder_view`,
-plus the decoder's own coarse features of the key frame, pooled and projected the same way); OVP summarises the
+Data flow (one prompt): the key frame's CLIP tokens are pooled and projected into `<img>` slots; OVP summarises the
 reference frames, guided by the instruction's word embeddings, into `<ref>` slots; learnable mask queries fill `<mq>`
 slots. The LLM's last hidden states give (a) the answer text with [SEG] tokens, (b) object embeddings ([SEG] states
 for sam2, mask-query states for mask2former) and (c) the instruction span, which VMTF fuses with the decoder's fine
@@ -51,13 +50,6 @@ def _mlp(inp: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inp, out), nn.GELU(), nn.Linear(out, out))
 
 
-def _zero_out(mlp: nn.Sequential) -> nn.Sequential:
-    """The last layer starts at zero: the MLP adds nothing to what it is summed with until it trains."""
-    nn.init.zeros_(mlp[-1].weight)
-    nn.init.zeros_(mlp[-1].bias)
-    return mlp
-
-
 class InstructSegModel(nn.Module):
     """Build with `InstructSegModel(config)` or `InstructSegModel.from_pretrained(dir_or_preset)`."""
 
@@ -80,7 +72,6 @@ class InstructSegModel(nn.Module):
         dim = self.decoder.hidden_dim
         p = config.perceiver
         self.projector = _mlp(self.vision.width, hidden)
-        self.decoder_projector = _zero_out(_mlp(dim, hidden)) if config.decoder_view else None
         self.perceiver = ObjectAwarePerceiver(vision_width=self.vision.width, text_width=hidden, out_dim=hidden,
                                               dim=p.dim, num_latents=p.num_latents, layers=p.layers, heads=p.heads)
         # N learnable mask queries (mask2former); none for sam2 (a zero-size parameter breaks ZeRO-3)
@@ -121,22 +112,15 @@ class InstructSegModel(nn.Module):
         """(B, 3, S, S) -> raw CLIP patch tokens (B, P, Cv)."""
         return self.vision(frames)
 
-    def embed(self, inputs: ModelInputs, key_tokens: torch.Tensor | None = None,
-              features: FrameFeatures | None = None) -> torch.Tensor:
-        """Token embeddings with `<img>`, `<ref>` and `<mq>` slots filled: (B, L, hidden). `key_tokens` and (with
-        `decoder_view`) the key frames' decoder `features` are computed when not given."""
+    def embed(self, inputs: ModelInputs, key_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with `<img>`, `<ref>` and `<mq>` slots filled: (B, L, hidden)."""
         ids = inputs.input_ids
         embeds = self.llm.get_input_embeddings()(ids)
         key = self.visual_tokens(inputs.frames) if key_tokens is None else key_tokens
-        b = key.shape[0]
-        visual = self.projector(_pool(key, self.vision.grid, self.config.visual_grid))
-        if self.decoder_projector is not None:
-            features = self.decoder.encode(inputs.frames) if features is None else features
-            coarse = _pool(features.tokens, features.size, self.config.visual_grid)
-            visual = visual + self.decoder_projector(coarse.to(visual.dtype))
-        if self.config.visual_vocab:
-            table = self.llm.get_input_embeddings().weight
-            visual = (visual.to(table.dtype) @ table.T).softmax(-1) @ table
+        b, _, width = key.shape
+        side = self.vision.grid
+        pooled = F.adaptive_avg_pool2d(key.transpose(1, 2).reshape(b, width, *side), self.config.visual_grid)
+        visual = self.projector(pooled.flatten(2).transpose(1, 2))
         if inputs.ref_frames is None:
             refs = key[:, None].expand(b, self.config.perceiver.num_ref_frames, *key.shape[1:])
         else:
@@ -179,7 +163,7 @@ class InstructSegModel(nn.Module):
         objects are also followed through the reference frames (SAM2 memory), to learn propagation."""
         features = self.decoder.encode(inputs.frames)
         key_tokens = self.visual_tokens(inputs.frames)
-        out = self.llm(inputs_embeds=self.embed(inputs, key_tokens, features), attention_mask=inputs.attention_mask,
+        out = self.llm(inputs_embeds=self.embed(inputs, key_tokens), attention_mask=inputs.attention_mask,
                        output_hidden_states=True)
         prompts = self.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
         track = (self.training and inputs.ref_frames is not None) if track is None else track
@@ -211,7 +195,7 @@ class InstructSegModel(nn.Module):
         if inputs.input_ids.shape[0] != 1:
             raise ValueError("generate takes one prompt at a time")
         features = self.decoder.encode(inputs.frames) if features is None else features
-        embeds = self.embed(inputs, features=features)
+        embeds = self.embed(inputs)
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask, do_sample=False,
                                 max_new_tokens=max_new_tokens or self.config.llm.max_new_tokens,
                                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
@@ -255,7 +239,7 @@ class InstructSegModel(nn.Module):
 
     def condition(self, inputs: ModelInputs, features: FrameFeatures) -> Prompts:
         """Decoder prompts for one prompt whose answer is already in `input_ids` (B = 1), on its own key frame."""
-        return self.prompts_for(self.states(inputs, embeds=self.embed(inputs, features=features)), features)
+        return self.prompts_for(self.states(inputs), features)
 
     def _select(self, prompts: Prompts, input_ids: torch.Tensor, features: FrameFeatures) -> Prompts:
         """Exactly one object slot per [SEG] of the sequence (B = 1)."""
@@ -273,13 +257,6 @@ class InstructSegModel(nn.Module):
                        text_embed=prompts.text_embed)
 
 
-def _pool(tokens: torch.Tensor, size: tuple[int, int], grid: int) -> torch.Tensor:
-    """(B, h*w, C) tokens of an h x w map, average-pooled to (B, grid*grid, C)."""
-    b, _, width = tokens.shape
-    pooled = F.adaptive_avg_pool2d(tokens.transpose(1, 2).reshape(b, width, *size), grid)
-    return pooled.flatten(2).transpose(1, 2)
-
-
 def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, str]:
     """Where each component's weights come from, for `instructseg model info`."""
     llm = "random init" if config.llm.random_init else f"pretrained ({config.llm.source})"
@@ -287,8 +264,8 @@ def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, st
         config.vision.pretrained and load_pretrained) else "random init"
     decoder = f"pretrained ({config.decoder.checkpoint})" if config.decoder.checkpoint else "random init"
     sources = {"llm": llm, "lora": "new (no adapter loaded)", "vision": vision, "decoder": decoder}
-    for part in ("projector", "decoder_projector", "perceiver", "mask_queries", "object_proj", "fusion",
-                 "object_norm", "text_norm", "category_heads"):
+    for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion", "object_norm", "text_norm",
+                 "category_heads"):
         sources[part] = "random init"
     sources["state_norm"] = "calibrated on the base LLM" if load_pretrained else "not calibrated"
     return sources
