@@ -60,18 +60,19 @@ def run(predictor, *, count: int = 30, start: int = 40_000) -> dict[str, float]:
     right = {kind: [] for kind in KINDS}
     other = {kind: [] for kind in KINDS}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "scene.png"
-
-        def ask(image: np.ndarray, question: Question) -> bool:
+        paths = [Path(tmp) / f"scene{i}.png" for i in range(count)]
+        for path, (image, _) in zip(paths, scenes):
             Image.fromarray(image).save(path)
+
+        def ask(path: Path, question: Question) -> bool:
             text = predictor.segment(path, question.text).text
             return named(text, KINDS[question.kind][1]) == question.want
 
-        for i, (image, questions) in enumerate(scenes):
+        for i, (_, questions) in enumerate(scenes):
             for q in questions:
-                right[q.kind].append(ask(image, q))
+                right[q.kind].append(ask(paths[i], q))
                 if count > 1:
-                    other[q.kind].append(ask(scenes[(i + 1) % count][0], q))
+                    other[q.kind].append(ask(paths[(i + 1) % count], q))
     scores = {}
     for kind in KINDS:
         scores[kind] = float(np.mean(right[kind])) if right[kind] else float("nan")
