@@ -107,6 +107,18 @@ class ModelConfig:
     # `semantic_classes` categories + "no object"), trained on the category maps of sources that have them
     # (RefCOCO-format instances.json); they teach the encoders what objects are. Unused at inference.
     semantic_classes: int = 0
+    # word slots (instructseg.model.cell_words): per visual_grid cell, the `<img>` span also holds the cell's
+    # attribute word and category word, mixtures of the LLM's embeddings of these names (and "background"), from
+    # heads trained on the attribute and category maps. Names in the order of instances.json's `attributes` and
+    # `categories` lists; both empty: no word slots.
+    attribute_names: list[str] = field(default_factory=list)
+    category_names: list[str] = field(default_factory=list)
+
+    @property
+    def word_vocabularies(self) -> dict[str, list[str]]:
+        """{"attribute": names, "category": names} for the non-empty lists, in slot order."""
+        return {kind: names for kind, names in (("attribute", self.attribute_names),
+                                                ("category", self.category_names)) if names}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -298,3 +298,31 @@ def test_category_heads_learn_the_pooled_category_map():
     classes[0, 0, 0] = 3
     with pytest.raises(InputError, match="class 3, but the model's category heads know 2"):
         run(good, classes)
+
+
+def test_word_slots_learn_each_cells_main_object():
+    """cell_targets: per cell the class covering most of it, background when nothing covers 5 %, ignored for a
+    sample without a map; word_loss is small for logits naming them and large otherwise; SegmentationLoss adds it
+    per vocabulary ("words_attribute" from the attribute maps, "words_category" from the category maps)."""
+    from instructseg.errors import InputError
+    from instructseg.train.losses import cell_targets, word_loss
+
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    labels[0, :8, :8] = 2  # cell 0 all class 2
+    labels[0, 8:10, 8:10] = 1  # cell 3: 4 of 64 pixels (6 %) class 1
+    labels[0, 0, 8] = 1  # cell 1: 1 pixel (2 %): background
+    labels[1] = -1
+    targets = cell_targets(labels, 3, 2)
+    assert targets.tolist() == [[2, 0, 0, 1], [IGNORE_INDEX] * 4]
+    good = F.one_hot(targets[0].clamp(min=0), 3).float()[None].repeat(2, 1, 1) * 20
+    assert word_loss(good, labels) < 1e-3 < word_loss(-good, labels)
+    assert word_loss(good, None) == 0 and word_loss(good, torch.full_like(labels, -1)) == 0
+    with pytest.raises(InputError, match="class 3, but the word slots know 2 words"):
+        word_loss(good, labels.clamp(min=0) + 1)
+    out = make_outputs(torch.randn(2, 1, S, S))
+    out.word_logits = {"attribute": good.clone().requires_grad_(True), "category": (-good).requires_grad_(True)}
+    result = SegmentationLoss(LossWeights(), matching=False)(out, None, [torch.zeros(1, S, S, dtype=torch.bool)] * 2,
+                                                             None, labels, labels)
+    assert result.parts["words_attribute"] < 1e-3 and result.parts["words_category"] > 10
+    result.total.backward()
+    assert out.word_logits["category"].grad[0].abs().sum() > 0 and out.word_logits["category"].grad[1].abs().sum() == 0

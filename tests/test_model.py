@@ -386,3 +386,51 @@ def test_category_heads_train_the_encoders_and_load_into_an_older_model(tmp_path
     again = load_model(tmp_path / "heads")
     assert again.weight_sources["category_heads"].startswith("trained")
     assert torch.equal(again.category_heads.vision.weight, model.category_heads.vision.weight)
+
+
+def test_word_slots_write_the_cells_words_into_the_prompt(tmp_path):
+    """attribute_names / category_names add, per visual-grid cell, one `<img>` slot per vocabulary: the softmax
+    mixture of the LLM's embeddings of the words (and "background"). Their heads learn from the word loss only (no
+    LM gradient, nothing into the encoders); a model saved without them loads with them through overrides (new
+    heads), and saves/loads them exactly."""
+    from instructseg.train.losses import word_loss
+
+    torch.manual_seed(0)
+    plain = InstructSegModel(preset("tiny"))
+    plain.save_pretrained(tmp_path / "plain")
+    words = ["attribute_names=[red, green]", "category_names=[circle, square, star]"]
+    model = load_model(tmp_path / "plain", overrides=words).train()
+    grid = model.config.visual_grid
+    assert model.layout.counts[IMG] == 3 * grid * grid == plain.layout.counts[IMG] * 3
+    assert model.cell_words.vocabularies["category"] == ["background", "circle", "square", "star"]
+    assert model.weight_sources["cell_words"] == "random init" and model.weight_sources["fusion"].startswith("trained")
+    inputs = _inputs(model, PAIRS, video=False)
+    out = model(inputs)
+    assert {k: tuple(v.shape) for k, v in out.word_logits.items()} == {"attribute": (2, grid * grid, 3),
+                                                                       "category": (2, grid * grid, 4)}
+    # a head that is sure of a word writes exactly that word's embedding into its slot
+    head = model.cell_words.heads["attribute"][-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 0.0, 50.0]))
+    embeds = model.embed(inputs)
+    slots = embeds[inputs.input_ids == model.token_ids[IMG]].reshape(2, 3 * grid * grid, -1)
+    table = model.llm.get_input_embeddings()
+    green = table(torch.tensor(model.tokenizer(" green", add_special_tokens=False)["input_ids"])).mean(0)
+    torch.testing.assert_close(slots[:, grid * grid::2], green.expand(2, grid * grid, -1), rtol=1e-4, atol=1e-4)
+    model.zero_grad()
+    out = model(inputs)
+    out.logits.float().pow(2).mean().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.cell_words.parameters())
+    model.zero_grad()
+    maps = torch.randint(0, 3, (2, model.decoder.image_size, model.decoder.image_size))
+    word_loss(model(inputs).word_logits["attribute"], maps).backward()
+    assert model.cell_words.heads["attribute"][-1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in model.named_parameters()
+               if n.startswith(("vision.", "decoder.", "llm.")))
+    model.save_pretrained(tmp_path / "words")
+    again = load_model(tmp_path / "words")
+    assert again.weight_sources["cell_words"].startswith("trained") and again.layout.counts[IMG] == 3 * grid * grid
+    assert torch.equal(again.cell_words.heads["attribute"][-1].bias, head.bias)
+    with pytest.raises(InputError, match="unknown field 'colour_names'"):
+        load_model(tmp_path / "plain", overrides=["colour_names=[red]"])

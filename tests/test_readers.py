@@ -373,6 +373,33 @@ def test_refcoco_category_maps_paint_every_shape_with_its_class(synth_root):
         assert (classes[s.union_mask()] > 0).all()
 
 
+def test_refcoco_attribute_maps_paint_every_shape_with_its_colour(synth_root, tmp_path):
+    """instances.json's optional `attributes` (the synthetic writer lists the colours) and each annotation's
+    `attribute_ids`: the attribute map paints each visible shape with 1 + its colour's index; an unknown id is a
+    clear error; without the list there is no map."""
+    records = {f"img{i:05d}": build_image(SPEC, i) for i in range(SPEC.images)}
+    from instructseg.data.synthetic_scene import COLOURS
+
+    for s in read_refcoco(synth_root / "refcoco", split="train")[:12]:
+        colours = s.attributes()
+        record = records[s.image_path.stem]
+        expected = np.zeros((s.height, s.width), dtype=np.int16)
+        for obj, visible in zip(record.scene.objects, record.rendered_coco.visible[:, 0]):
+            expected[visible] = list(COLOURS).index(obj.colour) + 1
+        assert colours.dtype == np.int16 and np.array_equal(colours, expected)
+    root = tmp_path / "refcoco"
+    shutil.copytree(synth_root / "refcoco", root)
+    coco = json.loads((root / "instances.json").read_text())
+    coco["annotations"][1]["attribute_ids"] = [42]
+    (root / "instances.json").write_text(json.dumps(coco))
+    with pytest.raises(InputError, match=r"instances\.json: annotation 2 has attribute_ids \[42\], not all in 'attrib"):
+        read_refcoco(root, split="train")
+    del coco["attributes"]
+    (root / "instances.json").write_text(json.dumps(coco))
+    sample = read_refcoco(root, split="train")[0]
+    assert sample.attributes() is None and sample.semantic().max() > 0
+
+
 def test_refcoco_category_maps_need_known_categories(synth_root, tmp_path):
     root = tmp_path / "refcoco"
     shutil.copytree(synth_root / "refcoco", root)

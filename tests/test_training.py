@@ -244,7 +244,7 @@ def test_encoder_stage_errors(tmp_path, synth_root):
     refcoco = DataSource(kind="refcoco", root=str(synth_root / "refcoco"))
     torch.manual_seed(0)
     plain = InstructSegModel(preset("tiny"))
-    with pytest.raises(InputError, match="no category heads; set semantic_classes"):
+    with pytest.raises(InputError, match="no category heads or word slots; set semantic_classes"):
         train_encoders(plain, EncoderStage(steps=1, data=[refcoco]), seed=0, device=torch.device("cpu"))
     heads = InstructSegModel(preset("tiny").override(["semantic_classes=5"]))
     videos = DataSource(kind="revos", root=str(synth_root / "revos"))
@@ -253,6 +253,40 @@ def test_encoder_stage_errors(tmp_path, synth_root):
     small = InstructSegModel(preset("tiny").override(["semantic_classes=2"]))  # the data has 5 categories
     with pytest.raises(InputError, match="category map holds class 5"):
         train_encoders(small, EncoderStage(steps=3, data=[refcoco]), seed=0, device=torch.device("cpu"))
+
+
+def test_word_slots_added_to_a_trained_model_learn_in_the_encoder_stage(tmp_path, synth_root):
+    """A saved model gets word slots through model_overrides; `encoders.train: [cell_words]` trains only their
+    heads (on the category and attribute maps; loss falling), the joint training then runs with them, and the
+    final model holds them, the encoders untouched."""
+    import torch
+    from safetensors.torch import load_file
+
+    from instructseg.config import preset
+    from instructseg.data.synthetic_scene import COLOURS, SHAPES
+    from instructseg.model.instructseg import InstructSegModel
+
+    torch.manual_seed(0)
+    InstructSegModel(preset("tiny")).save_pretrained(tmp_path / "base")
+    recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2, freeze=["vision", "decoder.sam.image_encoder"])
+    data = yaml.safe_load(recipe.read_text())
+    data["model"] = str(tmp_path / "base")
+    data["model_overrides"] = [f"attribute_names=[{', '.join(COLOURS)}]", f"category_names=[{', '.join(SHAPES)}]"]
+    data["encoders"] = {"steps": 60, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "train": ["cell_words"],
+                        "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco"), "split": "train"}]}
+    recipe.write_text(yaml.safe_dump(data))
+    _train([str(recipe)])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "encoders.jsonl").read_text().splitlines()]
+    first, last = (sum(r["loss"] for r in part) / 10 for part in (rows[:10], rows[-10:]))
+    assert last < 0.6 * first, (first, last)
+    assert set(load_file(str(tmp_path / "run" / "encoders.safetensors"))) == {
+        k for k in InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict() if k.startswith("cell_words.")}
+    assert any("words_attribute" in r for r in _log(tmp_path / "run"))
+    base = InstructSegModel.from_pretrained(tmp_path / "base").state_dict()
+    final = InstructSegModel.from_pretrained(tmp_path / "run" / "final")
+    assert final.layout.counts["<img>"] == 3 * final.config.visual_grid ** 2
+    state = final.state_dict()
+    assert all(torch.equal(base[k], state[k]) for k in base if k.startswith(("vision.", "decoder.sam.image_encoder.")))
 
 
 def test_frozen_modules_keep_their_weights(tmp_path, synth_root):

@@ -418,8 +418,8 @@ def test_chat_turns_and_imageless_samples():
         ChatDataset([ChatSample(sample_id="c", image_path=None, turns=turns[1:])], seed=0)[0]
 
 
-def test_collate_carries_category_maps(roots, layout):
-    """RefCOCO samples bring their category maps; the batch holds them at the decoder size (nearest), -1 for a
+def test_collate_carries_category_and_attribute_maps(roots, layout):
+    """RefCOCO samples bring their category and attribute maps; the batch holds them at the decoder size (nearest), -1 for a
     sample without one, and none at all for a batch without maps."""
     images, videos = _build(roots, "refcoco"), _build(roots, "revos")
     image, video = images[0], videos[0]
@@ -435,4 +435,12 @@ def test_collate_carries_category_maps(roots, layout):
     assert collate([video])[0].semantic is None
     wrong = TrainingSample(**{**image.__dict__, "semantic": image.semantic[:-1]})
     with pytest.raises(ValueError, match="category map"):
+        collate([wrong])
+    # the attribute maps travel the same way
+    assert image.attributes is not None and image.attributes.shape == image.semantic.shape
+    assert ((image.attributes > 0) == (image.semantic > 0)).all()
+    assert (inputs.attributes[1] == -1).all() and collate([video])[0].attributes is None
+    assert (inputs.attributes[0] > 0).eq(inputs.semantic[0] > 0).float().mean() > 0.99
+    wrong = TrainingSample(**{**image.__dict__, "attributes": image.attributes[:, :-1]})
+    with pytest.raises(ValueError, match="attribute map"):
         collate([wrong])

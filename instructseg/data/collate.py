@@ -58,9 +58,10 @@ class Collator:
         for s in samples:
             if s.masks.shape[1:] != s.key_frame.shape[:2]:
                 raise ValueError(f"Collator: {s.task} sample has masks {s.masks.shape} for a frame {s.key_frame.shape}")
-            if s.semantic is not None and s.semantic.shape != s.key_frame.shape[:2]:
-                raise ValueError(f"Collator: {s.task} sample has a category map {s.semantic.shape} for a frame "
-                                 f"{s.key_frame.shape}")
+            for kind, labels in (("category", s.semantic), ("attribute", s.attributes)):
+                if labels is not None and labels.shape != s.key_frame.shape[:2]:
+                    raise ValueError(f"Collator: {s.task} sample has a {kind} map {labels.shape} for a frame "
+                                     f"{s.key_frame.shape}")
         frames = torch.stack([resize_frame(s.key_frame, size) for s in samples])
         ref_counts = sorted({len(s.ref_frames) for s in samples if s.ref_frames is not None})
         if len(ref_counts) > 1:
@@ -85,13 +86,10 @@ class Collator:
                 raise ValueError(f"Collator: answer {s.answer!r} encodes {segs} {SEG} tokens "
                                  f"for {s.masks.shape[0]} masks")
         batch = pad_prompts(prompts, self.pad_id)
-        semantic = None
-        if any(s.semantic is not None for s in samples):
-            semantic = torch.stack([resize_categories(s.semantic, size) if s.semantic is not None
-                                    else torch.full((size, size), -1, dtype=torch.long) for s in samples])
         inputs = ModelInputs(frames=frames, ref_frames=ref_frames, input_ids=batch["input_ids"],
                              attention_mask=batch["attention_mask"], instruction_mask=batch["instruction_mask"],
-                             labels=batch["labels"], semantic=semantic)
+                             labels=batch["labels"], semantic=_label_maps([s.semantic for s in samples], size),
+                             attributes=_label_maps([s.attributes for s in samples], size))
         masks = [resize_masks(s.masks, size) for s in samples]
         ref_masks = None
         if ref_frames is not None:
@@ -99,3 +97,11 @@ class Collator:
             ref_masks = [torch.stack([resize_masks(m, size) for m in s.ref_masks]) if s.ref_masks is not None
                          else key[None].repeat(count, 1, 1, 1) for s, key in zip(samples, masks)]
         return inputs, masks, ref_masks
+
+
+def _label_maps(maps: list[np.ndarray | None], size: int) -> torch.Tensor | None:
+    """(B, size, size) long label maps (-1 for a sample without one), or None when no sample has one."""
+    if all(m is None for m in maps):
+        return None
+    return torch.stack([resize_categories(m, size) if m is not None else torch.full((size, size), -1, dtype=torch.long)
+                        for m in maps])

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from instructseg.data.formats.common import rle_encode
-from instructseg.data.synthetic_scene import SHAPES, Rendered, Scene
+from instructseg.data.synthetic_scene import COLOURS, SHAPES, Rendered, Scene
 from instructseg.data.synthetic_text import ObjectFacts, Query
 
 JPEG_QUALITY = 95
@@ -165,9 +165,12 @@ def _bbox(polygon: list[float]) -> list[float]:
 
 
 def write_refcoco(root: Path, images: list[ImageRecord], jpegs: dict[str, bytes]) -> int:
-    """COCO `instances.json`, `refs(unc).p` (REFER pickle, protocol 2) and `images/`; returns the sentence count."""
+    """COCO `instances.json`, `refs(unc).p` (REFER pickle, protocol 2) and `images/`; returns the sentence count.
+    Besides COCO's fields, `attributes` lists the colours and each annotation's `attribute_ids` its colour."""
+    colours = list(COLOURS)
     coco = {"images": [], "annotations": [],
-            "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]}
+            "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)],
+            "attributes": [{"id": i + 1, "name": name} for i, name in enumerate(colours)]}
     refs, sentences, held_out = [], 0, 0
     for image_id, record in enumerate(images, start=1):
         file_name = f"{record.name}.jpg"
@@ -180,7 +183,8 @@ def write_refcoco(root: Path, images: list[ImageRecord], jpegs: dict[str, bytes]
             ann_ids[index] = len(coco["annotations"]) + 1
             coco["annotations"].append({
                 "id": ann_ids[index], "image_id": image_id, "category_id": SHAPES.index(obj.shape) + 1,
-                "segmentation": [polygon], "area": int(record.rendered_coco.visible[index].sum()),
+                "attribute_ids": [colours.index(obj.colour) + 1], "segmentation": [polygon],
+                "area": int(record.rendered_coco.visible[index].sum()),
                 "bbox": _bbox(polygon), "iscrowd": 0})
         split = "train"
         if record.split != "train":

@@ -40,6 +40,7 @@ class TrainingSample:
     history:    earlier (user, assistant) turns of a conversation.
     semantic:   (H, W) int16 category map of the key frame (every annotated object, 0 elsewhere) for the auxiliary
                 category heads, or None (no categories in the source).
+    attributes: (H, W) int16 attribute map of the same objects (0 elsewhere) for the word slots, or None.
     """
 
     task: str
@@ -51,6 +52,7 @@ class TrainingSample:
     history: list[tuple[str, str]] = field(default_factory=list)
     ref_masks: np.ndarray | None = None
     semantic: np.ndarray | None = None
+    attributes: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -208,7 +210,7 @@ class ImageSampleDataset(_Dataset):
         instruction = item.text if item.is_sentence else phrase_instruction(item.text, rng, kind="image")
         return TrainingSample(task=self.task, key_frame=image, ref_frames=None, instruction=instruction,
                               answer=answer_with_segs(item.answer, masks.shape[0]), masks=masks,
-                              semantic=item.semantic())
+                              semantic=item.semantic(), attributes=item.attributes())
 
 
 def _pairs(sample: ChatSample) -> list[tuple[str, str]]:

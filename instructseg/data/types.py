@@ -94,6 +94,8 @@ class ImageSample:
     ignore_loader: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)  # -> (H, W) bool
     # -> (H, W) int16: every annotated object of the image painted with its category (1-based), 0 elsewhere
     semantic_loader: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+    # -> (H, W) int16: the same objects painted with their attribute (1-based), 0 elsewhere
+    attribute_loader: Callable[[], np.ndarray] | None = field(default=None, repr=False)
 
     def _source(self) -> str:
         return f"{self.dataset} {self.sample_id}"
@@ -120,11 +122,19 @@ class ImageSample:
     def semantic(self) -> np.ndarray | None:
         """(H, W) int16 category map of the whole image (RefCOCO: every annotation of instances.json, class =
         1 + the category's position in its `categories` list, 0 = no annotated object), or None."""
-        if self.semantic_loader is None:
+        return self._label_map(self.semantic_loader, "category")
+
+    def attributes(self) -> np.ndarray | None:
+        """(H, W) int16 attribute map (class = 1 + the attribute's position in instances.json's `attributes`, 0 =
+        no annotated object or none listed), or None."""
+        return self._label_map(self.attribute_loader, "attribute")
+
+    def _label_map(self, loader, kind: str) -> np.ndarray | None:
+        if loader is None:
             return None
-        classes = self.semantic_loader()
+        classes = loader()
         if classes.shape != (self.height, self.width):
-            raise InputError(f"{self._source()}: category map has shape {classes.shape}, "
+            raise InputError(f"{self._source()}: {kind} map has shape {classes.shape}, "
                              f"expected {(self.height, self.width)}")
         return classes
 

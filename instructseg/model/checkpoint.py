@@ -7,8 +7,9 @@ Layout of a saved model:
     llm/                 the LLM itself, only when it is not a reference (random init, or merged with LoRA)
     tokenizer/           the tokenizer with our special tokens
 The base LLM is referenced by `llm.source`, not copied, unless it is random or merged. Any missing or unexpected key
-raises an InputError naming the file, except the training-only category heads: a model saved without them loads
-into a config that has them (`semantic_classes` added to its config.json to fine-tune with them) with new heads.
+raises an InputError naming the file, except the training-only category heads and the word slots' heads: a model
+saved without them loads into a config that has them (`semantic_classes`, `category_names` / `attribute_names`
+added to its config.json or a recipe's model_overrides, to train them) with new heads.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from instructseg.llm.lora import adapter_merged
 from instructseg.llm.precision import check_saveable
 
 WEIGHTS = "model.safetensors"
-_NEW_HEADS = "category_heads."
+_NEW_HEADS = ("category_heads.", "cell_words.")
 
 
 def _own_tensors(model) -> dict[str, torch.Tensor]:
@@ -86,8 +87,11 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "weights" / "default"
 
 
-def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", seed: int = 0):
-    """A preset (random parts, real weights where the preset names them) or a saved model directory."""
+def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", seed: int = 0,
+               overrides: list[str] = ()):
+    """A preset (random parts, real weights where the preset names them) or a saved model directory, its config
+    changed by `key=value` overrides (for a saved model: new heads such as `category_names=[...]`; an override that
+    changes a trained part's shape is refused, naming the key)."""
     from instructseg.model.instructseg import InstructSegModel
 
     path = Path(name_or_dir)
@@ -98,13 +102,13 @@ def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", s
                              "or a trained model directory")
     if str(name_or_dir) in PRESETS and not path.exists():
         torch.manual_seed(seed)
-        return InstructSegModel(preset(str(name_or_dir))).to(device)
+        return InstructSegModel(preset(str(name_or_dir)).override(list(overrides))).to(device)
     if not path.is_dir():
         raise InputError(f"unknown model {str(name_or_dir)!r}: expected a preset ({', '.join(PRESETS)}) "
                          "or a saved model directory")
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a saved instructseg model (no config.json)")
-    config = ModelConfig.load(path / "config.json")
+    config = ModelConfig.load(path / "config.json").override(list(overrides))
     try:
         model = InstructSegModel(config, base_dir=path, load_pretrained=False)
     except (RuntimeError, ValueError) as err:
@@ -112,7 +116,7 @@ def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", s
     saved = _load_own_state(model, path / WEIGHTS)
     trained = f"trained ({path / WEIGHTS})"
     for part in model.weight_sources:
-        optional = part in ("vision", "category_heads")  # a frozen pretrained tower or new heads: not in the file
+        optional = part in ("vision", "category_heads", "cell_words")  # a frozen pretrained tower or new heads
         if part not in ("llm", "lora") and not (optional and not any(k.startswith(part + ".") for k in saved)):
             model.weight_sources[part] = trained
     if config.llm.source == "llm":

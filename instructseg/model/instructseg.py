@@ -20,6 +20,7 @@ from instructseg.decoders.base import FrameFeatures, MaskDecoder, Prompts
 from instructseg.llm.loading import load_causal_lm, load_tokenizer
 from instructseg.llm.lora import apply_lora
 from instructseg.model.category_heads import CategoryHeads
+from instructseg.model.cell_words import CellWords
 from instructseg.model.fusion import TextFusion
 from instructseg.model.outputs import Generation, InstructSegOutput, ModelInputs, SequenceStates
 from instructseg.model.perceiver import ObjectAwarePerceiver
@@ -58,9 +59,10 @@ class InstructSegModel(nn.Module):
         self.config = config
         self.tokenizer = load_tokenizer(config.llm, base_dir)
         grid = config.visual_grid
+        vocabularies = config.word_vocabularies
         num_ref = config.perceiver.num_latents * config.perceiver.num_ref_frames
         num_queries = config.decoder.num_queries
-        self.layout = PromptLayout(self.tokenizer, system_prompt=config.llm.system_prompt, num_visual=grid * grid,
+        self.layout = PromptLayout(self.tokenizer, system_prompt=config.llm.system_prompt, num_visual=grid * grid * (1 + len(vocabularies)),
                                    num_ref=num_ref, num_queries=num_queries, max_length=MAX_LENGTH)
         self.token_ids = self.layout.ids
         llm = load_causal_lm(config.llm, len(self.tokenizer), base_dir)
@@ -87,6 +89,9 @@ class InstructSegModel(nn.Module):
         self.state_norm = StateNorm(hidden)  # loaded with the weights, or calibrated on the base LLM now
         self.category_heads = (CategoryHeads(self.vision.width, dim, config.semantic_classes)
                                if config.semantic_classes else None)  # training aid
+        self.cell_words = CellWords(self.vision.width, dim, vocabularies, grid) if vocabularies else None
+        self.word_ids = {kind: [self.tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in words]
+                         for kind, words in (self.cell_words.vocabularies.items() if self.cell_words else ())}
         if load_pretrained:
             self.state_norm.calibrate(self.llm, self.tokenizer)
         self.weight_sources = _initial_sources(config, load_pretrained)
@@ -112,15 +117,29 @@ class InstructSegModel(nn.Module):
         """(B, 3, S, S) -> raw CLIP patch tokens (B, P, Cv)."""
         return self.vision(frames)
 
-    def embed(self, inputs: ModelInputs, key_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with `<img>`, `<ref>` and `<mq>` slots filled: (B, L, hidden)."""
+    def cell_word_logits(self, key_tokens: torch.Tensor, features: FrameFeatures) -> dict[str, torch.Tensor]:
+        """Word slots' logits per vocabulary (B, grid * grid, words + 1) from the key frame's vision tokens and its
+        decoder features (models with word slots)."""
+        return self.cell_words(key_tokens, self.vision.grid, features.tokens, features.size)
+
+    def embed(self, inputs: ModelInputs, key_tokens: torch.Tensor | None = None,
+              features: FrameFeatures | None = None) -> torch.Tensor:
+        """Token embeddings with `<img>`, `<ref>` and `<mq>` slots filled: (B, L, hidden). `features`: the key
+        frames' decoder features when already computed (the word slots read them)."""
         ids = inputs.input_ids
-        embeds = self.llm.get_input_embeddings()(ids)
+        table = self.llm.get_input_embeddings()
+        embeds = table(ids)
         key = self.visual_tokens(inputs.frames) if key_tokens is None else key_tokens
         b, _, width = key.shape
         side = self.vision.grid
         pooled = F.adaptive_avg_pool2d(key.transpose(1, 2).reshape(b, width, *side), self.config.visual_grid)
         visual = self.projector(pooled.flatten(2).transpose(1, 2))
+        if self.cell_words is not None:
+            features = self.decoder.encode(inputs.frames) if features is None else features
+            words = {kind: torch.stack([table(torch.tensor(t, device=ids.device)).mean(0) for t in tokens])
+                     for kind, tokens in self.word_ids.items()}
+            visual = torch.cat([visual, self.cell_words.slots(self.cell_word_logits(key, features), words)
+                                .to(visual.dtype)], dim=1)
         if inputs.ref_frames is None:
             refs = key[:, None].expand(b, self.config.perceiver.num_ref_frames, *key.shape[1:])
         else:
@@ -163,7 +182,7 @@ class InstructSegModel(nn.Module):
         objects are also followed through the reference frames (SAM2 memory), to learn propagation."""
         features = self.decoder.encode(inputs.frames)
         key_tokens = self.visual_tokens(inputs.frames)
-        out = self.llm(inputs_embeds=self.embed(inputs, key_tokens), attention_mask=inputs.attention_mask,
+        out = self.llm(inputs_embeds=self.embed(inputs, key_tokens, features), attention_mask=inputs.attention_mask,
                        output_hidden_states=True)
         prompts = self.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
         track = (self.training and inputs.ref_frames is not None) if track is None else track
@@ -178,13 +197,15 @@ class InstructSegModel(nn.Module):
         if self.category_heads is not None:
             vision_classes, decoder_classes = self.category_heads(key_tokens, self.vision.grid, features.tokens,
                                                                   features.size)
+        words = self.cell_word_logits(key_tokens, features) if self.cell_words is not None else None
         return InstructSegOutput(logits=out.logits, mask_logits=decoded.mask_logits,
                                  score_logits=decoded.score_logits, object_valid=prompts.object_valid,
                                  text_embed=prompts.text_embed, track_mask_logits=tracked_masks,
                                  track_score_logits=tracked_scores,
                                  text_align_logits=features.grounding(prompts.text_embed[:, None])[:, 0],
                                  object_align_logits=features.grounding(prompts.object_embeds),
-                                 vision_class_logits=vision_classes, decoder_class_logits=decoder_classes)
+                                 vision_class_logits=vision_classes, decoder_class_logits=decoder_classes,
+                                 word_logits=words)
 
     @torch.no_grad()
     def generate(self, inputs: ModelInputs, *, max_new_tokens: int | None = None,
@@ -195,7 +216,7 @@ class InstructSegModel(nn.Module):
         if inputs.input_ids.shape[0] != 1:
             raise ValueError("generate takes one prompt at a time")
         features = self.decoder.encode(inputs.frames) if features is None else features
-        embeds = self.embed(inputs)
+        embeds = self.embed(inputs, features=features)
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask, do_sample=False,
                                 max_new_tokens=max_new_tokens or self.config.llm.max_new_tokens,
                                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
@@ -223,9 +244,11 @@ class InstructSegModel(nn.Module):
                           prompts=prompts, features=features, states=states)
 
     @torch.no_grad()
-    def states(self, inputs: ModelInputs, *, embeds: torch.Tensor | None = None) -> SequenceStates:
-        """One teacher-forced pass over a prompt whose answer is already in `input_ids` (B = 1)."""
-        embeds = self.embed(inputs) if embeds is None else embeds
+    def states(self, inputs: ModelInputs, *, embeds: torch.Tensor | None = None,
+               features: FrameFeatures | None = None) -> SequenceStates:
+        """One teacher-forced pass over a prompt whose answer is already in `input_ids` (B = 1); `features`: its
+        key frame's decoder features, when already computed."""
+        embeds = self.embed(inputs, features=features) if embeds is None else embeds
         out = self.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask, output_hidden_states=True,
                        logits_to_keep=1)  # only hidden states are needed: skip most of the LM head
         return SequenceStates(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask)
@@ -239,7 +262,7 @@ class InstructSegModel(nn.Module):
 
     def condition(self, inputs: ModelInputs, features: FrameFeatures) -> Prompts:
         """Decoder prompts for one prompt whose answer is already in `input_ids` (B = 1), on its own key frame."""
-        return self.prompts_for(self.states(inputs), features)
+        return self.prompts_for(self.states(inputs, features=features), features)
 
     def _select(self, prompts: Prompts, input_ids: torch.Tensor, features: FrameFeatures) -> Prompts:
         """Exactly one object slot per [SEG] of the sequence (B = 1)."""
@@ -265,7 +288,7 @@ def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, st
     decoder = f"pretrained ({config.decoder.checkpoint})" if config.decoder.checkpoint else "random init"
     sources = {"llm": llm, "lora": "new (no adapter loaded)", "vision": vision, "decoder": decoder}
     for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion", "object_norm", "text_norm",
-                 "category_heads"):
+                 "category_heads", "cell_words"):
         sources[part] = "random init"
     sources["state_norm"] = "calibrated on the base LLM" if load_pretrained else "not calibrated"
     return sources

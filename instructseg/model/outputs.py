@@ -21,6 +21,8 @@ class ModelInputs:
     labels:           (B, L) long with -100 outside answers, or None.
     semantic:         (B, S, S) long category maps of the key frames for the auxiliary category heads (-1: a
                       sample without one), or None.
+    attributes:       (B, S, S) long attribute maps of the key frames (the same objects' attributes) for the word
+                      slots' heads, or None.
     """
 
     frames: torch.Tensor
@@ -30,6 +32,7 @@ class ModelInputs:
     instruction_mask: torch.Tensor
     labels: torch.Tensor | None = None
     semantic: torch.Tensor | None = None
+    attributes: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelInputs":
         moved = {}
@@ -61,6 +64,8 @@ class InstructSegOutput:
     vision_class_logits:  (B, C + 1, h', w') category logits of the key frame's vision tokens (class 0: no object),
                           when the model has category heads (`semantic_classes`), else None.
     decoder_class_logits: (B, C + 1, h, w) the same for the decoder's coarse tokens, or None.
+    word_logits:          {"attribute" / "category": (B, cells, words + 1)} the word slots' logits per cell, when
+                          the model has word slots, else None.
     """
 
     logits: torch.Tensor
@@ -74,6 +79,7 @@ class InstructSegOutput:
     object_align_logits: torch.Tensor | None = None
     vision_class_logits: torch.Tensor | None = None
     decoder_class_logits: torch.Tensor | None = None
+    word_logits: dict[str, torch.Tensor] | None = None
 
 
 @dataclass

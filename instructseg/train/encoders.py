@@ -30,7 +30,7 @@ from instructseg.data.formats import REFCOCO_DATASETS, read_refcoco
 from instructseg.data.training import REFCOCO_SPLIT_BY, load_rgb
 from instructseg.errors import InputError
 from instructseg.llm.precision import native_bf16
-from instructseg.train.losses import category_loss
+from instructseg.train.losses import category_loss, word_loss
 
 RESULT = "encoders.safetensors"
 
@@ -52,44 +52,57 @@ def category_images(sources) -> list:
     return list(images.values())
 
 
-def _batch(images: list, picks: list[int], size: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frames (B, 3, S, S) and category maps (B, S, S); each image flipped left-right at random."""
-    frames, maps = [], []
+def _batch(images: list, picks: list[int], size: int,
+           rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Frames (B, 3, S, S), category maps (B, S, S) and attribute maps (B, S, S; -1 for an image without one, None
+    when no image has one); each image flipped left-right at random."""
+    frames, maps, attributes = [], [], []
     for index in picks:
         sample = images[index]
-        frame, classes = load_rgb(sample.image_path), sample.semantic()
+        frame, classes, colours = load_rgb(sample.image_path), sample.semantic(), sample.attributes()
         if rng.random() < 0.5:
             frame, classes = frame[:, ::-1], classes[:, ::-1]
+            colours = colours[:, ::-1] if colours is not None else None
         frames.append(resize_frame(np.ascontiguousarray(frame), size))
         maps.append(resize_categories(classes, size))
-    return torch.stack(frames), torch.stack(maps)
+        attributes.append(resize_categories(colours, size) if colours is not None
+                          else torch.full((size, size), -1, dtype=torch.long))
+    attributes = torch.stack(attributes) if any(images[i].attribute_loader for i in picks) else None
+    return torch.stack(frames), torch.stack(maps), attributes
 
 
-def _trained(model) -> dict[str, torch.nn.Parameter]:
-    """The parameters the stage trains, by name: the decoder's image encoder, the category heads and the vision
-    encoder (unless it is a frozen pretrained tower)."""
-    prefixes = ["decoder.sam.image_encoder." if hasattr(model.decoder, "sam") else "decoder.", "category_heads."]
-    if not model.config.vision.freeze:
-        prefixes.append("vision.")
-    return {name: p for name, p in model.named_parameters() if p.requires_grad and name.startswith(tuple(prefixes))}
+def _trained(model, prefixes: list[str] = ()) -> dict[str, torch.nn.Parameter]:
+    """The parameters the stage trains, by name: those under `prefixes`, by default the decoder's image encoder,
+    the heads and the vision encoder (unless it is a frozen pretrained tower)."""
+    if not prefixes:
+        prefixes = ["decoder.sam.image_encoder" if hasattr(model.decoder, "sam") else "decoder"]
+        prefixes += [head for head in ("category_heads", "cell_words") if getattr(model, head) is not None]
+        if not model.config.vision.freeze:
+            prefixes.append("vision")
+    found = {name: p for name, p in model.named_parameters()
+             if p.requires_grad and any(name.startswith(prefix + ".") for prefix in prefixes)}
+    for prefix in prefixes:
+        if not any(name.startswith(prefix + ".") for name in found) and getattr(model, prefix, True) is None:
+            raise InputError(f"encoders.train: the model has no {prefix!r}")
+    return found
 
 
-def save_result(model, path: Path) -> None:
+def save_result(model, path: Path, prefixes: list[str] = ()) -> None:
     from safetensors.torch import save
 
     from instructseg.atomic import write_bytes
 
-    write_bytes(path, save({name: p.detach().contiguous().cpu() for name, p in _trained(model).items()}))
+    write_bytes(path, save({name: p.detach().contiguous().cpu() for name, p in _trained(model, prefixes).items()}))
 
 
-def load_result(model, path: Path) -> None:
+def load_result(model, path: Path, prefixes: list[str] = ()) -> None:
     """Put a finished stage's weights back into `model` (a resumed run)."""
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise InputError(f"{path}: missing; this run's checkpoints were trained after its encoder stage and need "
                          "its result (remove the checkpoints to start again)")
-    trained = _trained(model)
+    trained = _trained(model, prefixes)
     state = load_file(str(path))
     if set(state) != set(trained):
         raise InputError(f"{path}: does not match the model's encoders (was it written for another model?)")
@@ -100,11 +113,18 @@ def load_result(model, path: Path) -> None:
 
 def train_encoders(model, stage, *, seed: int, device: torch.device, log_path: Path | None = None) -> list[float]:
     """Run the encoder stage (`stage`: the recipe's `EncoderStage`) on `model` in place; returns the losses."""
-    if model.category_heads is None:
-        raise InputError("encoders: the model has no category heads; set semantic_classes (model_overrides or "
-                         "its config.json) to the number of categories")
+    if model.category_heads is None and model.cell_words is None:
+        raise InputError("encoders: the model has no category heads or word slots; set semantic_classes (model_"
+                         "overrides or its config.json) to the number of categories")
     images = category_images(stage.data)
-    params = list(_trained(model).values())
+    params = list(_trained(model, stage.train).values())
+    if not params:
+        raise InputError(f"encoders.train: nothing to train under {stage.train}")
+    flags = {p: p.requires_grad for p in model.parameters()}  # the rest of the model gets no gradients
+    for p in flags:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=stage.lr)
 
     def factor(step: int) -> float:
@@ -120,13 +140,10 @@ def train_encoders(model, stage, *, seed: int, device: torch.device, log_path: P
     log = open(log_path, "a") if log_path is not None else None
     try:
         for step in range(1, stage.steps + 1):
-            frames, maps = _batch(images, [rng.randrange(len(images)) for _ in range(stage.batch_size)], size, rng)
-            frames, maps = frames.to(device), maps.to(device)
-            with autocast:
-                features = model.decoder.encode(frames)
-                vision_logits, decoder_logits = model.category_heads(model.visual_tokens(frames), model.vision.grid,
-                                                                     features.tokens, features.size)
-            loss = category_loss(vision_logits, maps) + category_loss(decoder_logits, maps)
+            frames, maps, attributes = _batch(images, [rng.randrange(len(images)) for _ in range(stage.batch_size)],
+                                              size, rng)
+            loss = _loss(model, frames.to(device), maps.to(device),
+                         attributes.to(device) if attributes is not None else None, autocast)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -140,4 +157,19 @@ def train_encoders(model, stage, *, seed: int, device: torch.device, log_path: P
             log.close()
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
     return losses
+
+
+def _loss(model, frames: torch.Tensor, maps: torch.Tensor, attributes: torch.Tensor | None, autocast) -> torch.Tensor:
+    """The category heads' loss on both encoders plus the word slots' loss (whichever the model has)."""
+    with autocast:
+        features = model.decoder.encode(frames)
+        tokens = model.visual_tokens(frames)
+        heads = (model.category_heads(tokens, model.vision.grid, features.tokens, features.size)
+                 if model.category_heads is not None else ())
+        words = model.cell_word_logits(tokens, features) if model.cell_words is not None else {}
+    loss = sum((category_loss(logits, maps) for logits in heads), frames.new_zeros(()))
+    labels = {"category": maps, "attribute": attributes}
+    return loss + sum((word_loss(logits, labels[kind]) for kind, logits in words.items()), frames.new_zeros(()))

@@ -16,6 +16,8 @@ from instructseg.errors import InputError
 from instructseg.model.outputs import InstructSegOutput
 from instructseg.model.tokens import IGNORE_INDEX
 
+MIN_WORD_COVER = 0.05  # word slots: a cell whose largest object covers less than this share of it is background
+
 
 @dataclass
 class LossWeights:
@@ -31,13 +33,17 @@ class LossWeights:
     # auxiliary category heads (models with `semantic_classes`): per-token cross-entropy against the category map
     # pooled to each head's grid, for the vision tokens and for the decoder's coarse tokens
     category: float = 1.0
+    # word slots' heads (models with `attribute_names` / `category_names`): per-cell cross-entropy against the cell's
+    # main object in the attribute and category maps
+    words: float = 1.0
     num_points: int = 0  # 0: mask losses on every pixel; > 0: on this many importance-sampled points per mask
 
 
 @dataclass
 class LossOutput:
     """total: scalar to backpropagate. parts: unweighted "lm", "score", "mask", "dice", "align" (and with
-    category maps "category_vision", "category_decoder") as floats, for logging."""
+    category maps "category_vision", "category_decoder", with word slots "words_attribute", "words_category") as
+    floats, for logging."""
 
     total: torch.Tensor
     parts: dict[str, float]
@@ -179,12 +185,13 @@ class SegmentationLoss:
 
     def __call__(self, outputs: InstructSegOutput, labels: torch.Tensor | None,
                  target_masks: list[torch.Tensor], ref_masks: list[torch.Tensor] | None = None,
-                 categories: torch.Tensor | None = None) -> LossOutput:
+                 categories: torch.Tensor | None = None, attributes: torch.Tensor | None = None) -> LossOutput:
         """outputs: model outputs (mask_logits (B, N, S, S)); labels (B, L) or None (no LM loss);
         target_masks: B tensors (K_i, S, S) bool at the decoder resolution (K_i = 0: no target);
         ref_masks: B tensors (R, K_i, S, S), the targets on the reference frames, when the outputs were tracked
         (`track_mask_logits`): each reference frame is then scored like a key frame, and the parts add up;
-        categories: (B, S, S) long category maps of the key frames (-1: none), for models with category heads."""
+        categories: (B, S, S) long category maps of the key frames (-1: none), for models with category heads or
+        word slots; attributes: (B, S, S) long attribute maps, for models with attribute word slots."""
         result = self._frame_loss(outputs, labels, target_masks)
         if outputs.vision_class_logits is not None and self.weights.category > 0:
             # (every batch reaches the heads, with or without maps: distributed ranks agree on what has gradients)
@@ -194,6 +201,15 @@ class SegmentationLoss:
                 total = total + self.weights.category * loss
                 if categories is not None and bool((categories >= 0).any()):
                     parts[f"category_{name}"] = float(loss.detach())
+            result = LossOutput(total=total, parts=parts)
+        if outputs.word_logits and self.weights.words > 0:
+            parts, total = dict(result.parts), result.total
+            for name, logits in outputs.word_logits.items():
+                maps = {"attribute": attributes, "category": categories}[name]
+                loss = word_loss(logits, maps)
+                total = total + self.weights.words * loss
+                if maps is not None and bool((maps >= 0).any()):
+                    parts[f"words_{name}"] = float(loss.detach())
             result = LossOutput(total=total, parts=parts)
         if outputs.track_mask_logits is None or ref_masks is None:
             return result
@@ -265,6 +281,31 @@ def category_loss(logits: torch.Tensor, categories: torch.Tensor | None) -> torc
     onehot = F.one_hot(categories[has].to(logits.device), classes).permute(0, 3, 1, 2).float()
     target = F.adaptive_avg_pool2d(onehot, tuple(logits.shape[-2:]))
     return -(target * logits[has].float().log_softmax(1)).sum(1).mean()
+
+
+def cell_targets(labels: torch.Tensor, classes: int, grid: int) -> torch.Tensor:
+    """Label maps (B, S, S) long (0 background, -1 on samples without a map) -> (B, grid * grid) long: per cell
+    the class covering most of it, 0 when none covers MIN_WORD_COVER, IGNORE_INDEX on samples without a map."""
+    has = (labels >= 0).flatten(1).all(1)
+    onehot = F.one_hot(labels.clamp(0, classes - 1), classes).permute(0, 3, 1, 2).float()
+    cover = F.adaptive_avg_pool2d(onehot, grid).flatten(2)[:, 1:]  # (B, classes - 1, cells)
+    share, best = cover.max(1)
+    target = torch.where(share >= MIN_WORD_COVER, best + 1, torch.zeros_like(best))
+    return torch.where(has[:, None], target, torch.full_like(target, IGNORE_INDEX))
+
+
+def word_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy of one vocabulary's cell logits (B, cells, V) against label maps (B, S, S); 0 (still attached
+    to `logits`) when no sample has a map."""
+    if labels is None or not bool((labels >= 0).flatten(1).all(1).any()):
+        return logits.sum() * 0.0
+    classes = logits.shape[-1]
+    if int(labels.max()) >= classes:
+        raise InputError(f"a label map holds class {int(labels.max())}, but the word slots know {classes - 1} words "
+                         "(category_names / attribute_names): list every category and attribute in order")
+    grid = int(round(logits.shape[1] ** 0.5))
+    targets = cell_targets(labels.to(logits.device), classes, grid)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def _align_loss(outputs: InstructSegOutput, target_masks: list[torch.Tensor], pair_idx: torch.Tensor,

@@ -71,8 +71,9 @@ class TrainSettings:
 
 @dataclass
 class EncoderStage:
-    """Before the joint training of a fresh run (skipped on resume): `steps` of the category loss alone on the
-    vision and decoder image encoders (`instructseg.train.encoders`); needs a model with category heads."""
+    """Before the joint training of a fresh run (skipped on resume): `steps` of the category loss (and the word
+    slots' loss) alone on the vision and decoder image encoders and the heads (`instructseg.train.encoders`);
+    needs a model with category heads or word slots."""
 
     steps: int = 0
     batch_size: int = 16
@@ -82,6 +83,9 @@ class EncoderStage:
     # ShapesIVS generated for this stage when `out` does not exist: the stage sees each image a few times only,
     # where the joint training's few hundred images would be learnt by heart (held-out shape accuracy 49 % vs 86 %)
     synth: SynthData | None = None
+    # module prefixes the stage trains; empty: the decoder's image encoder, the vision encoder (unless frozen
+    # pretrained) and the heads. [cell_words] teaches new word slots' heads on a trained model's encoders.
+    train: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -48,9 +48,7 @@ def build_model(recipe: Recipe):
     if recipe.model in PRESETS and not Path(recipe.model).exists():
         torch.manual_seed(recipe.train.seed)
         return InstructSegModel(preset(recipe.model).override(recipe.model_overrides))
-    if recipe.model_overrides:
-        raise InputError(f"model_overrides apply to presets; {recipe.model!r} is a saved model (edit its config.json)")
-    return load_model(recipe.model)
+    return load_model(recipe.model, overrides=recipe.model_overrides)
 
 
 def _ensure_synth(recipe: Recipe, rank: int) -> None:
@@ -142,7 +140,7 @@ class Trainer:
         from instructseg.train.encoders import RESULT, load_result, save_result, train_encoders
 
         if ckpt.latest_complete(self.root) is not None:
-            load_result(model, self.out / RESULT)
+            load_result(model, self.out / RESULT, self.recipe.encoders.train)
             return
         log = None
         if self.rank == 0:
@@ -154,7 +152,7 @@ class Trainer:
         losses = train_encoders(model, self.recipe.encoders, seed=self.recipe.train.seed, device=self.device,
                                 log_path=log)
         if self.rank == 0:
-            save_result(model, self.out / RESULT)
+            save_result(model, self.out / RESULT, self.recipe.encoders.train)
             print(f"encoder stage: category loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}",
                   flush=True)
         dist.barrier()
@@ -218,7 +216,7 @@ class Trainer:
             inputs, masks, ref_masks = self.micro_batch()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe.train.cpu_bf16 and not self.cuda):
                 out = self.engine(inputs)
-                loss = self.loss(out, inputs.labels, masks, ref_masks, inputs.semantic)
+                loss = self.loss(out, inputs.labels, masks, ref_masks, inputs.semantic, inputs.attributes)
             self.engine.backward(loss.total)
             self.engine.step()
             for key, value in {"loss": float(loss.total.detach()), **loss.parts}.items():

@@ -2,7 +2,9 @@
 
 ```
 root/instances.json      COCO: images [{id, file_name, height, width}], annotations [{id, image_id, segmentation,
-                         category_id}], categories [{id, name}] (optional: the category maps for training)
+                         category_id}], categories [{id, name}] (optional: the category maps for training);
+                         optional attributes [{id, name}] with annotations' attribute_ids [id, ...] (the attribute
+                         maps for training: each object painted with its first listed attribute)
 root/refs(<split_by>).p  pickle of [{ref_id, ann_id, image_id, split, sentences: [{sent, sent_id, ...}], ...}]
 root/images/<file_name>  the COCO images (train2014), named as in instances.json
 ```
@@ -76,12 +78,27 @@ def _annotation_mask(ann: dict, height: int, width: int, path: Path) -> np.ndarr
     return mask[None]
 
 
-def _category_map(anns: list[dict], classes: dict[int, int], height: int, width: int, path: Path) -> np.ndarray:
-    """(H, W) int16: the image's annotations painted in file order (later ones on top) with their class."""
+def _label_map(anns: list[dict], label, height: int, width: int, path: Path) -> np.ndarray:
+    """(H, W) int16: the image's annotations painted in file order (later ones on top) with `label(ann)`."""
     out = np.zeros((height, width), dtype=np.int16)
     for ann in anns:
-        out[_annotation_mask(ann, height, width, path)[0]] = classes[ann["category_id"]]
+        out[_annotation_mask(ann, height, width, path)[0]] = label(ann)
     return out
+
+
+def _attributes(coco: dict, annotations: dict, path: Path):
+    """ann -> its first attribute's class (1 + position in `attributes`; 0 without one), or None when instances.json
+    lists no attributes."""
+    if not coco.get("attributes"):
+        return None
+    listed = require_list(coco["attributes"], path, "'attributes'")
+    classes = {require(a, "id", path, f"attributes[{i}]"): i + 1 for i, a in enumerate(listed)}
+    for ann in annotations.values():
+        ids = ann.get("attribute_ids", [])
+        unknown = [i for i in ids if i not in classes] if isinstance(ids, list) else [ids]
+        if unknown:
+            raise InputError(f"{path}: annotation {ann.get('id')} has attribute_ids {ids!r}, not all in 'attributes'")
+    return lambda ann: classes[ann["attribute_ids"][0]] if ann.get("attribute_ids") else 0
 
 
 def _categories(coco: dict, annotations: dict, path: Path) -> tuple[dict[int, int], dict[int, list[dict]]] | None:
@@ -115,18 +132,20 @@ def read_refcoco(root: Path, dataset: str = "refcoco", split_by: str = "unc", sp
     annotations = _index(require(coco, "annotations", coco_path), coco_path, "annotations")
     refs = load_refs(refs_path)
     categories = _categories(coco, annotations, coco_path)
+    attributes = _attributes(coco, annotations, coco_path) if categories is not None else None
     chosen = [ref for i, ref in enumerate(refs) if require(ref, "split", refs_path, f"refs[{i}]") == split]
     if not chosen:
         present = sorted({str(ref["split"]) for ref in refs})
         raise InputError(f"{refs_path}: no refs in split {split!r} (splits present: {', '.join(present) or 'none'})")
     samples = []
     for ref in chosen:
-        samples += _ref_samples(ref, images, annotations, categories, root, coco_path, refs_path, dataset, split)
+        samples += _ref_samples(ref, images, annotations, categories, attributes, root, coco_path, refs_path,
+                                dataset, split)
     return samples
 
 
-def _ref_samples(ref: dict, images: dict, annotations: dict, categories: tuple | None, root: Path, coco_path: Path,
-                 refs_path: Path, dataset: str, split: str) -> list[ImageSample]:
+def _ref_samples(ref: dict, images: dict, annotations: dict, categories: tuple | None, attributes, root: Path,
+                 coco_path: Path, refs_path: Path, dataset: str, split: str) -> list[ImageSample]:
     where = f"ref {ref.get('ref_id')}"
     ann_id, image_id = require(ref, "ann_id", refs_path, where), require(ref, "image_id", refs_path, where)
     if ann_id not in annotations:
@@ -138,10 +157,13 @@ def _ref_samples(ref: dict, images: dict, annotations: dict, categories: tuple |
     width = int(require(image, "width", coco_path, f"image {image_id}"))
     image_path = root / "images" / str(require(image, "file_name", coco_path, f"image {image_id}"))
     loader = partial(_annotation_mask, annotations[ann_id], height, width, coco_path)
-    semantic = None
+    semantic = attribute_map = None
     if categories is not None:
         classes, by_image = categories
-        semantic = partial(_category_map, by_image.get(image_id, []), classes, height, width, coco_path)
+        anns = by_image.get(image_id, [])
+        semantic = partial(_label_map, anns, lambda ann: classes[ann["category_id"]], height, width, coco_path)
+        if attributes is not None:
+            attribute_map = partial(_label_map, anns, attributes, height, width, coco_path)
     samples = []
     sentences = require_list(require(ref, "sentences", refs_path, where), refs_path, f"{where} sentences")
     for k, sentence in enumerate(sentences):
@@ -149,5 +171,6 @@ def _ref_samples(ref: dict, images: dict, annotations: dict, categories: tuple |
         sent_id = sentence.get("sent_id", k)
         samples.append(ImageSample(
             dataset=dataset, sample_id=f"{ref.get('ref_id')}_{sent_id}", image_path=image_path, text=text,
-            height=height, width=width, split=split, mask_loader=loader, semantic_loader=semantic))
+            height=height, width=width, split=split, mask_loader=loader, semantic_loader=semantic,
+            attribute_loader=attribute_map))
     return samples
