@@ -221,7 +221,8 @@ DEFAULT_ARCH_OVERRIDES = [
     "perceiver.num_latents=2", "perceiver.num_ref_frames=4", "perceiver.layers=1", "perceiver.dim=128",
     "llm.lora_r=16", "llm.lora_alpha=32", "llm.max_new_tokens=24", "fusion.layers=2",
     "decoder.sam2_config=tiny", "decoder.sam2_hidden_dim=64", "decoder.image_size=256", "visual_grid=4",
-    "semantic_classes=5",
+    "semantic_classes=5", "attribute_names=[red, green, blue, yellow, purple, orange, white, black]",
+    "category_names=[circle, square, triangle, star, hexagon]",
 ]
 
 # A randomly initialised LLM of about 1.5B parameters shaped like Qwen2-1.5B, to show how the video modes scale

@@ -61,6 +61,16 @@ def test_default_grounds_shape_words_without_colour(default, unseen):
     assert float(np.mean(ious)) > MIN_MEAN_IOU, ious
 
 
+def test_default_reads_colours_from_the_image(default):
+    """Its answers to picture-only questions come from the picture (word slots): the colour asked for is named
+    more often with the scene's own image than with another scene's, and well above chance (1 in 8).
+    Measured (docs/default_model.md, 60 scenes): see "Word slots"."""
+    from instructseg.eval.reading import run
+
+    scores = run(default, count=20)
+    assert scores["colour"] >= 0.25 and scores["colour"] > scores["colour (another scene's image)"] + 0.1, scores
+
+
 def test_default_still_answers_general_questions(default, unseen):
     image = next(iter(sorted((unseen / "refcoco" / "images").iterdir())))
     result = default.segment(image, "What is the capital of France?")
