@@ -419,8 +419,8 @@ def test_chat_turns_and_imageless_samples():
 
 
 def test_collate_carries_category_and_attribute_maps(roots, layout):
-    """RefCOCO samples bring their category and attribute maps; the batch holds them at the decoder size (nearest), -1 for a
-    sample without one, and none at all for a batch without maps."""
+    """RefCOCO samples bring their category and attribute maps; the batch holds them at the decoder size (nearest),
+    -1 for a sample without one, and none at all for a batch without maps."""
     images, videos = _build(roots, "refcoco"), _build(roots, "revos")
     image, video = images[0], videos[0]
     assert image.semantic is not None and image.semantic.shape == image.key_frame.shape[:2]

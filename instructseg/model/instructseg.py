@@ -62,7 +62,8 @@ class InstructSegModel(nn.Module):
         vocabularies = config.word_vocabularies
         num_ref = config.perceiver.num_latents * config.perceiver.num_ref_frames
         num_queries = config.decoder.num_queries
-        self.layout = PromptLayout(self.tokenizer, system_prompt=config.llm.system_prompt, num_visual=grid * grid * (1 + len(vocabularies)),
+        num_visual = grid * grid * (1 + len(vocabularies))  # projected tokens, then the word slots
+        self.layout = PromptLayout(self.tokenizer, system_prompt=config.llm.system_prompt, num_visual=num_visual,
                                    num_ref=num_ref, num_queries=num_queries, max_length=MAX_LENGTH)
         self.token_ids = self.layout.ids
         llm = load_causal_lm(config.llm, len(self.tokenizer), base_dir)

@@ -9,6 +9,10 @@ held-out objects 19 % of the time (chance 20 %) before, 83 % after 2000 steps of
 (49 % on the joint training's 540 images, which it learns by heart). Joint training afterwards unlearns it unless
 the encoders are frozen (`train.freeze`).
 
+Models with word slots (`instructseg.model.cell_words`) also train their heads here, on the same images' category
+and attribute maps; `encoders.train` narrows the stage to some parameters (`[cell_words]`: new word heads on a
+trained model's encoders, which stay as they are).
+
 The stage's result is written to `OUTPUT/encoders.safetensors`; a run that resumes from a checkpoint loads it
 instead of running the stage again (checkpoints leave frozen parameters out, and `train.freeze` usually names the
 encoders). Every rank runs the stage with the same seed and data, so all start the joint training from the same
