@@ -88,8 +88,8 @@ class Collator:
         batch = pad_prompts(prompts, self.pad_id)
         inputs = ModelInputs(frames=frames, ref_frames=ref_frames, input_ids=batch["input_ids"],
                              attention_mask=batch["attention_mask"], instruction_mask=batch["instruction_mask"],
-                             labels=batch["labels"], semantic=_label_maps([s.semantic for s in samples], size),
-                             attributes=_label_maps([s.attributes for s in samples], size))
+                             labels=batch["labels"], semantic=label_maps([s.semantic for s in samples], size),
+                             attributes=label_maps([s.attributes for s in samples], size))
         masks = [resize_masks(s.masks, size) for s in samples]
         ref_masks = None
         if ref_frames is not None:
@@ -99,7 +99,7 @@ class Collator:
         return inputs, masks, ref_masks
 
 
-def _label_maps(maps: list[np.ndarray | None], size: int) -> torch.Tensor | None:
+def label_maps(maps: list[np.ndarray | None], size: int) -> torch.Tensor | None:
     """(B, size, size) long label maps (-1 for a sample without one), or None when no sample has one."""
     if all(m is None for m in maps):
         return None

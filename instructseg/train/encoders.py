@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instructseg.data.collate import resize_categories, resize_frame
+from instructseg.data.collate import label_maps, resize_categories, resize_frame
 from instructseg.data.formats import REFCOCO_DATASETS, read_refcoco
 from instructseg.data.training import REFCOCO_SPLIT_BY, load_rgb
 from instructseg.errors import InputError
@@ -69,10 +69,8 @@ def _batch(images: list, picks: list[int], size: int,
             colours = colours[:, ::-1] if colours is not None else None
         frames.append(resize_frame(np.ascontiguousarray(frame), size))
         maps.append(resize_categories(classes, size))
-        attributes.append(resize_categories(colours, size) if colours is not None
-                          else torch.full((size, size), -1, dtype=torch.long))
-    attributes = torch.stack(attributes) if any(images[i].attribute_loader for i in picks) else None
-    return torch.stack(frames), torch.stack(maps), attributes
+        attributes.append(colours)
+    return torch.stack(frames), torch.stack(maps), label_maps(attributes, size)
 
 
 def _trained(model, prefixes: list[str] = ()) -> dict[str, torch.nn.Parameter]:
