@@ -124,9 +124,10 @@ class InstructSegModel(nn.Module):
         return self.cell_words(key_tokens, self.vision.grid, features.tokens, features.size)
 
     def embed(self, inputs: ModelInputs, key_tokens: torch.Tensor | None = None,
-              features: FrameFeatures | None = None) -> torch.Tensor:
-        """Token embeddings with `<img>`, `<ref>` and `<mq>` slots filled: (B, L, hidden). `features`: the key
-        frames' decoder features when already computed (the word slots read them)."""
+              features: FrameFeatures | None = None, word_logits: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Token embeddings with `<img>`, `<ref>` and `<mq>` slots filled: (B, L, hidden). `key_tokens`,
+        `features` (the key frames' decoder features, which the word slots read) and `word_logits`: when already
+        computed."""
         ids = inputs.input_ids
         table = self.llm.get_input_embeddings()
         embeds = table(ids)
@@ -136,11 +137,12 @@ class InstructSegModel(nn.Module):
         pooled = F.adaptive_avg_pool2d(key.transpose(1, 2).reshape(b, width, *side), self.config.visual_grid)
         visual = self.projector(pooled.flatten(2).transpose(1, 2))
         if self.cell_words is not None:
-            features = self.decoder.encode(inputs.frames) if features is None else features
+            if word_logits is None:
+                features = self.decoder.encode(inputs.frames) if features is None else features
+                word_logits = self.cell_word_logits(key, features)
             words = {kind: torch.stack([table(torch.tensor(t, device=ids.device)).mean(0) for t in tokens])
                      for kind, tokens in self.word_ids.items()}
-            visual = torch.cat([visual, self.cell_words.slots(self.cell_word_logits(key, features), words)
-                                .to(visual.dtype)], dim=1)
+            visual = torch.cat([visual, self.cell_words.slots(word_logits, words).to(visual.dtype)], dim=1)
         if inputs.ref_frames is None:
             refs = key[:, None].expand(b, self.config.perceiver.num_ref_frames, *key.shape[1:])
         else:
@@ -183,8 +185,9 @@ class InstructSegModel(nn.Module):
         objects are also followed through the reference frames (SAM2 memory), to learn propagation."""
         features = self.decoder.encode(inputs.frames)
         key_tokens = self.visual_tokens(inputs.frames)
-        out = self.llm(inputs_embeds=self.embed(inputs, key_tokens, features), attention_mask=inputs.attention_mask,
-                       output_hidden_states=True)
+        words = self.cell_word_logits(key_tokens, features) if self.cell_words is not None else None
+        out = self.llm(inputs_embeds=self.embed(inputs, key_tokens, features, words),
+                       attention_mask=inputs.attention_mask, output_hidden_states=True)
         prompts = self.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
         track = (self.training and inputs.ref_frames is not None) if track is None else track
         tracked_masks = tracked_scores = None
@@ -198,7 +201,6 @@ class InstructSegModel(nn.Module):
         if self.category_heads is not None:
             vision_classes, decoder_classes = self.category_heads(key_tokens, self.vision.grid, features.tokens,
                                                                   features.size)
-        words = self.cell_word_logits(key_tokens, features) if self.cell_words is not None else None
         return InstructSegOutput(logits=out.logits, mask_logits=decoded.mask_logits,
                                  score_logits=decoded.score_logits, object_valid=prompts.object_valid,
                                  text_embed=prompts.text_embed, track_mask_logits=tracked_masks,

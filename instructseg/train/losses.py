@@ -204,11 +204,10 @@ class SegmentationLoss:
             result = LossOutput(total=total, parts=parts)
         if outputs.word_logits and self.weights.words > 0:
             parts, total = dict(result.parts), result.total
-            for name, logits in outputs.word_logits.items():
-                maps = {"attribute": attributes, "category": categories}[name]
-                loss = word_loss(logits, maps)
+            maps = {"attribute": attributes, "category": categories}
+            for name, loss in word_losses(outputs.word_logits, categories, attributes).items():
                 total = total + self.weights.words * loss
-                if maps is not None and bool((maps >= 0).any()):
+                if maps[name] is not None and bool((maps[name] >= 0).any()):
                     parts[f"words_{name}"] = float(loss.detach())
             result = LossOutput(total=total, parts=parts)
         if outputs.track_mask_logits is None or ref_masks is None:
@@ -292,6 +291,14 @@ def cell_targets(labels: torch.Tensor, classes: int, grid: int) -> torch.Tensor:
     share, best = cover.max(1)
     target = torch.where(share >= MIN_WORD_COVER, best + 1, torch.zeros_like(best))
     return torch.where(has[:, None], target, torch.full_like(target, IGNORE_INDEX))
+
+
+def word_losses(word_logits: dict[str, torch.Tensor], categories: torch.Tensor | None,
+                attributes: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """{vocabulary: `word_loss`} for a model's word logits: "category" reads the category maps, "attribute" the
+    attribute maps."""
+    maps = {"category": categories, "attribute": attributes}
+    return {name: word_loss(logits, maps[name]) for name, logits in word_logits.items()}
 
 
 def word_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
