@@ -142,6 +142,18 @@ def test_checkpoint_markers_and_pruning(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == [ckpt.tag_for(4), ckpt.tag_for(6)]
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "scripts/recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(path):
+    """Every recipe in scripts/recipes parses with the current schema (unknown keys are errors), and its data
+    roots are relative paths inside the repository (recipes run from its root)."""
+    from instructseg.train.recipe import load_recipe
+
+    recipe = load_recipe(path)
+    assert recipe.train.steps > 0 and recipe.data and all(s.ratio > 0 for s in recipe.data)
+    for source in recipe.data:
+        assert not Path(source.root).is_absolute() and (REPO / source.root).resolve().is_relative_to(REPO), source.root
+
+
 def test_recipe_overrides_and_errors(tmp_path, synth_root):
     from instructseg.errors import InputError
     from instructseg.train.recipe import load_recipe
