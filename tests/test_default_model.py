@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 # measured (docs/default_model.md), RefCOCO-format val sentences: mean IoU 0.51 on those naming a colour and a
 # shape, 0.44 on those naming a shape but no colour (0.25 before the encoder stage)
 MIN_MEAN_IOU = 0.3
+MIN_NON_SQUARE_IOU = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,17 @@ def test_default_grounds_shape_words_without_colour(default, unseen):
     assert len(samples) == 16
     ious = [iou(default.segment(s.image_path, s.text).masks(0).any(axis=0), s.masks().any(0)) for s in samples]
     assert float(np.mean(ious)) > MIN_MEAN_IOU, ious
+
+
+@pytest.mark.parametrize("height, width", [(96, 160), (200, 120)])
+def test_default_grounds_frames_far_from_square(default, tmp_path, height, width):
+    """Frames of another aspect ratio (squashed to the model's square input) still ground: mean IoU over 8 fresh
+    scenes. Measured on these scenes: 0.81 (96 x 160), 0.70 (200 x 120); docs/default_model.md, "Non-square frames"."""
+    from instructseg.eval.robustness import cases, segment_iou
+
+    ious = [segment_iou(default, c, f"segment the {c.name}", tmp_path) for c in cases(8, start=40_000, height=height,
+                                                                                       width=width)]
+    assert float(np.mean(ious)) > MIN_NON_SQUARE_IOU, ious
 
 
 def test_default_reads_colours_from_the_image(default):

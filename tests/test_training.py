@@ -151,7 +151,8 @@ def test_shipped_recipes_load(path):
     recipe = load_recipe(path)
     assert recipe.train.steps > 0 and recipe.data and all(s.ratio > 0 for s in recipe.data)
     for source in recipe.data:
-        assert not Path(source.root).is_absolute() and (REPO / source.root).resolve().is_relative_to(REPO), source.root
+        root = Path(source.root)
+        assert not root.is_absolute() and (REPO / root).resolve().is_relative_to(REPO), source.root
 
 
 def test_recipe_overrides_and_errors(tmp_path, synth_root):

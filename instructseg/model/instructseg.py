@@ -124,7 +124,8 @@ class InstructSegModel(nn.Module):
         return self.cell_words(key_tokens, self.vision.grid, features.tokens, features.size)
 
     def embed(self, inputs: ModelInputs, key_tokens: torch.Tensor | None = None,
-              features: FrameFeatures | None = None, word_logits: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+              features: FrameFeatures | None = None,
+              word_logits: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings with `<img>`, `<ref>` and `<mq>` slots filled: (B, L, hidden). `key_tokens`,
         `features` (the key frames' decoder features, which the word slots read) and `word_logits`: when already
         computed."""
