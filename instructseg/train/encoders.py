@@ -34,7 +34,7 @@ from instructseg.data.formats import REFCOCO_DATASETS, read_refcoco
 from instructseg.data.training import REFCOCO_SPLIT_BY, load_rgb
 from instructseg.errors import InputError
 from instructseg.llm.precision import native_bf16
-from instructseg.train.losses import category_loss, word_losses
+from instructseg.train.losses import category_loss, word_losses, word_maps
 
 RESULT = "encoders.safetensors"
 
@@ -173,4 +173,4 @@ def _loss(model, frames: torch.Tensor, maps: torch.Tensor, attributes: torch.Ten
                  if model.category_heads is not None else ())
         words = model.cell_word_logits(tokens, features) if model.cell_words is not None else {}
     loss = sum((category_loss(logits, maps) for logits in heads), frames.new_zeros(()))
-    return loss + sum(word_losses(words, maps, attributes).values(), frames.new_zeros(()))
+    return loss + sum(word_losses(words, word_maps(maps, attributes)).values(), frames.new_zeros(()))

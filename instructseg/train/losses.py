@@ -204,8 +204,8 @@ class SegmentationLoss:
             result = LossOutput(total=total, parts=parts)
         if outputs.word_logits and self.weights.words > 0:
             parts, total = dict(result.parts), result.total
-            maps = {"attribute": attributes, "category": categories}
-            for name, loss in word_losses(outputs.word_logits, categories, attributes).items():
+            maps = word_maps(categories, attributes)
+            for name, loss in word_losses(outputs.word_logits, maps).items():
                 total = total + self.weights.words * loss
                 if maps[name] is not None and bool((maps[name] >= 0).any()):
                     parts[f"words_{name}"] = float(loss.detach())
@@ -293,11 +293,15 @@ def cell_targets(labels: torch.Tensor, classes: int, grid: int) -> torch.Tensor:
     return torch.where(has[:, None], target, torch.full_like(target, IGNORE_INDEX))
 
 
-def word_losses(word_logits: dict[str, torch.Tensor], categories: torch.Tensor | None,
-                attributes: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """{vocabulary: `word_loss`} for a model's word logits: "category" reads the category maps, "attribute" the
-    attribute maps."""
-    maps = {"category": categories, "attribute": attributes}
+def word_maps(categories: torch.Tensor | None, attributes: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """The label maps each word vocabulary learns from: "category" the category maps, "attribute" the attribute
+    maps."""
+    return {"category": categories, "attribute": attributes}
+
+
+def word_losses(word_logits: dict[str, torch.Tensor],
+                maps: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """{vocabulary: `word_loss`} for a model's word logits against `word_maps`."""
     return {name: word_loss(logits, maps[name]) for name, logits in word_logits.items()}
 
 
