@@ -68,8 +68,8 @@ def test_default_grounds_frames_far_from_square(default, tmp_path, height, width
     scenes. Measured on these scenes: 0.81 (96 x 160), 0.70 (200 x 120); docs/default_model.md, "Non-square frames"."""
     from instructseg.eval.robustness import cases, segment_iou
 
-    ious = [segment_iou(default, c, f"segment the {c.name}", tmp_path) for c in cases(8, start=40_000, height=height,
-                                                                                       width=width)]
+    scenes = cases(8, start=40_000, height=height, width=width)
+    ious = [segment_iou(default, c, f"segment the {c.name}", tmp_path) for c in scenes]
     assert float(np.mean(ious)) > MIN_NON_SQUARE_IOU, ious
 
 
