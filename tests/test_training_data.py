@@ -357,6 +357,12 @@ def test_answer_format_round_trip():
         for k in range(4):
             raw = answer_with_segs(text, k)
             assert parse_answer(raw) == ((text or ("There is no such object." if k == 0 else "")), k)
+    # generated [SEG] lists out of form lose their leftover commas and "and"s; [SEG]s inside the text keep it
+    assert parse_answer("The white circle has no corners. [SEG] and") == ("The white circle has no corners.", 1)
+    assert parse_answer("The two circles have no corners. [SEG], and [SEG] and") == (
+        "The two circles have no corners.", 2)
+    assert parse_answer("Sure, [SEG], [SEG].") == ("", 2)
+    assert parse_answer("The red circle [SEG] and the blue star [SEG].") == ("The red circle and the blue star .", 2)
 
 
 def test_phrase_instruction():

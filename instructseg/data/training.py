@@ -8,6 +8,7 @@ The answer format lives here only (`answer_with_segs`), for training and for rea
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,15 +83,22 @@ def answer_with_segs(text: str | None, num_objects: int) -> str:
 
 
 def parse_answer(raw: str) -> tuple[str, int]:
-    """(text without [SEG]s, number of [SEG]s) of a generated answer: the inverse of `answer_with_segs`."""
+    """(text without [SEG]s, number of [SEG]s) of a generated answer: the inverse of `answer_with_segs`.
+
+    A generated list of [SEG]s that is not quite in form ("[SEG] and", "[SEG], and [SEG]") is dropped whole, so the
+    text never ends in its leftover commas and "and"s."""
     count = raw.count(SEG)
-    if count == 0:
-        return raw.strip(), 0
     text = raw.strip()
-    for form in (f"Sure, {_seg_list(count)}.", _seg_list(count)):
-        if text.endswith(form):
-            return text[:-len(form)].strip(), count
+    if count == 0:
+        return text, 0
+    head, _, tail = text.partition(SEG)
+    if _SEG_LIST_LEFTOVER.fullmatch(tail.replace(SEG, " ")):
+        head = head.strip()
+        return ("" if head == "Sure," else head), count
     return " ".join(text.replace(SEG, " ").split()), count
+
+
+_SEG_LIST_LEFTOVER = re.compile(r"(?:[\s,.]|\band\b)*")
 
 
 _TEMPLATES = {
