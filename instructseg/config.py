@@ -8,6 +8,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,26 +162,66 @@ class ModelConfig:
                 node = node[part]
             if leaf not in node:
                 raise InputError(f"override {item!r}: unknown field {key.strip()!r}")
-            node[leaf] = yaml.safe_load(value)
+            node[leaf] = parse_override_value(item, value)
         return build_dataclass(ModelConfig, data, "overrides")
 
 
+def parse_override_value(item: str, value: str) -> Any:
+    """The value of a `key=value` override, read as YAML (`4`, `1.0e-3`, `[a, b]`, `null`, `text`)."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise InputError(f"override {item!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+
+
 def build_dataclass(cls, data: dict[str, Any], source: str):
-    """Build a (nested) dataclass from a dict, naming the unknown key and the source on error."""
+    """Build a (nested) dataclass from a dict, naming the unknown key, or the field whose value has the wrong
+    type, and the source on error."""
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a mapping for {cls.__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise InputError(f"{source}: unknown {cls.__name__} field(s) {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         sub = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
         if sub is not None and dataclasses.is_dataclass(sub):
             kwargs[name] = build_dataclass(sub, value, source)
         else:
-            kwargs[name] = copy.deepcopy(value)
+            kwargs[name] = _typed(copy.deepcopy(value), hints[name], f"{source}: {cls.__name__}.{name}")
     return cls(**kwargs)
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the field type `hint` wants (an int where a float is wanted becomes a float); InputError
+    naming `where` when it cannot be one. Types this does not know (dicts, Any, dataclasses) pass unchecked."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None):
+            if value is None:
+                return None
+        elif origin is list:
+            (item,) = typing.get_args(option) or (Any,)
+            if isinstance(value, (list, tuple)):
+                return [_typed(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        elif origin is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-4 as a string
+                return float(value)
+        elif origin in (int, str, bool):
+            if isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
+                return value
+        else:
+            return value
+    wanted = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+    raise InputError(f"{where}: expected {wanted}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -280,6 +280,18 @@ def test_config_yaml_and_overrides(tmp_path):
     path.write_text("model:\n  llm:\n    lorar: 2\n")
     with pytest.raises(InputError, match="c.yaml: unknown LLMConfig field"):
         ModelConfig.load(path)
+    # values are checked against the fields' types (a float may be written 1e-2, which YAML 1.1 reads as text)
+    assert cfg.override(["llm.lora_dropout=1e-2"]).llm.lora_dropout == 0.01
+    assert cfg.override(["perceiver.num_ref_frames=3"]).perceiver.num_ref_frames == 3
+    for item, message in (("llm.lora_r=abc", "LLMConfig.lora_r: expected int, got 'abc'"),
+                          ("llm.lora_r=true", "expected int"), ("llm.lora_targets=q_proj", "expected list"),
+                          ("llm.lora_targets=[1]", r"lora_targets\[0\]: expected str"),
+                          ("llm.lora_r=[", "not valid YAML")):
+        with pytest.raises(InputError, match=message):
+            cfg.override([item])
+    path.write_text("model:\n  llm:\n    dtype: 16\n")
+    with pytest.raises(InputError, match="c.yaml: LLMConfig.dtype: expected str"):
+        ModelConfig.load(path)
 
 
 def test_history_seg_tokens_are_not_objects(model):

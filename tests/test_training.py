@@ -167,6 +167,13 @@ def test_recipe_overrides_and_errors(tmp_path, synth_root):
         load_recipe(tmp_path / "missing.yaml")
     with pytest.raises(InputError, match="unknown TrainSettings field"):
         load_recipe(path, ["train.stpes=3"])
+    for item, message in (("train.steps=abc", "TrainSettings.steps: expected int"),
+                          ("train.steps=0", "train.steps must be at least 1"), ("train.lr=-1", "train.lr must be > 0"),
+                          ("train.steps=[1", "not valid YAML"), ("model.llm.nope=1", "unknown field 'llm.nope'"),
+                          ("model.llm.lora_r=x", "LLMConfig.lora_r: expected int")):
+        with pytest.raises(InputError, match=message):
+            load_recipe(path, [item])
+    assert load_recipe(path, ["train.lr=1e-4"]).train.lr == 1e-4
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: tiny\ndata: []\n")
     with pytest.raises(InputError, match="no data sources"):

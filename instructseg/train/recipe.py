@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from instructseg.config import build_dataclass
+from instructseg.config import ModelConfig, build_dataclass, parse_override_value
 from instructseg.errors import InputError
 from instructseg.train.losses import LossWeights
 
@@ -126,6 +126,13 @@ def _recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
     recipe.data, recipe.synth = sources, synth
     recipe.encoders = build_dataclass(EncoderStage, encoders, f"{source} encoders")
     recipe.encoders.data, recipe.encoders.synth = encoder_sources, encoder_synth
+    ModelConfig().override(recipe.model_overrides)  # names and types checked now, not after data generation
+    for name in ("steps", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
+        if getattr(recipe.train, name) < 1:
+            raise InputError(f"{source}: train.{name} must be at least 1, got {getattr(recipe.train, name)}")
+    if recipe.train.lr <= 0 or recipe.train.warmup_steps < 0:
+        raise InputError(f"{source}: train.lr must be > 0 and train.warmup_steps >= 0, got {recipe.train.lr} and "
+                         f"{recipe.train.warmup_steps}")
     if not recipe.data:
         raise InputError(f"{source}: the recipe lists no data sources")
     if recipe.encoders.steps > 0 and not recipe.encoders.data:
@@ -159,7 +166,7 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise InputError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = parse_override_value(item, value)
     data["recipe_dir"] = str(path.parent.resolve())
     return _recipe_from_dict(data, str(path))
 
