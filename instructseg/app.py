@@ -177,8 +177,8 @@ def build_app(predictor, *, max_upload_mb: float = 200.0, max_frames: int = 300,
         if obj is None:
             raise InputError("pick the object the point belongs to")
         frame, obj = int(frame or 0), int(obj)
-        if x is None or y is None or not (0 <= x < visit.source.width and 0 <= y < visit.source.height):
-            raise InputError(f"point ({x}, {y}) is outside the {visit.source.width}×{visit.source.height} frame")
+        if x is None or y is None:
+            raise InputError("click on the frame to place a point")
         label = 0 if polarity == "negative" else 1
         with visit.lock:  # not while this visitor's question runs (it resets the points)
             clicks = visit.clicks.get((frame, obj), []) + [(float(x), float(y), label)]

@@ -113,9 +113,14 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from instructseg.inference.io import open_source
+    from instructseg.inference.predictor import check_request
+    from instructseg.inference.results import check_out_dir
 
     _quiet_libraries()
     source = open_source(args.input)  # bad input fails before the model loads
+    check_request(args.instruction, args.mode, args.key_frames)
+    if args.out:
+        check_out_dir(args.out)
     predictor = _predictor(args)
     bar = tqdm(total=len(source), desc="segment", unit="frame", disable=not sys.stderr.isatty(), leave=False)
     result = predictor.segment(source, args.instruction, mode=args.mode, key_frames=args.key_frames,
@@ -132,9 +137,12 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from instructseg.inference.chat_cli import run_chat
+    from instructseg.inference.io import open_source
+    from instructseg.inference.results import check_out_dir
 
     _quiet_libraries()
-    return run_chat(args.input, _predictor(args), out_dir=Path(args.out), mode=args.mode)
+    source, out = open_source(args.input), check_out_dir(args.out)  # bad input fails before the model loads
+    return run_chat(source, _predictor(args), out_dir=out, mode=args.mode)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -159,7 +167,9 @@ def _llm_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="instructseg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="instructseg", description="Instructed segmentation of images and videos: ask in words, get a text "
+        "answer and masks. `instructseg segment VIDEO \"segment the red circle\" --out out` runs the shipped model.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write ShapesIVS synthetic data in the public datasets' formats")
@@ -227,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="video file (mp4, webm, avi, mov, mkv), a directory of frames, or an image")
     p.add_argument("instruction", help='e.g. "segment the red circle" or "which shape moves fastest?"')
     _model_args(p)
-    p.add_argument("--out", help="write result.json, masks/<object>/<frame>.png and an overlay here")
+    p.add_argument("--out", help="write result.json, masks/<object>/<frame>.png and an overlay here "
+                                  "(an earlier result there is replaced)")
     p.add_argument("--mode", default="propagate", choices=["propagate", "per-frame"])
     p.add_argument("--key-frames", type=int, default=None, help="LLM key frames in propagate mode (default 3)")
     p.set_defaults(func=_cmd_segment)
@@ -235,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="multi-round terminal chat about one image or video")
     p.add_argument("input")
     _model_args(p)
-    p.add_argument("--out", default="chat_out", help="masks of each turn go to OUT/turn_<n>/")
+    p.add_argument("--out", default="chat_out", help="masks of each turn go to OUT/turn_<n>/ (numbered on "
+                                                     "after the turns already there)")
     p.add_argument("--mode", default="propagate", choices=["propagate", "per-frame"])
     p.set_defaults(func=_cmd_chat)
 

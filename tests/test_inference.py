@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from instructseg.cli import main
+from instructseg.errors import InputError
 from instructseg.inference.io import open_source, write_video
 from instructseg.inference.predictor import InstructSegPredictor
 from instructseg.inference.results import decode_mask
@@ -133,6 +134,26 @@ def test_session_multi_round_and_visual_prompts(predictor, video_dir):
     assert np.array_equal(refined.objects[0].mask(4, h, w), full)
     with pytest.raises(Exception, match="object 2"):
         session.add_box(0, 2, [0, 0, 5, 5])
+    for bad, message in ((lambda: session.add_points(1, 1, [[1, 1]], [2]), "labels are 1"),
+                         (lambda: session.add_points(1, 1, [[1, 1], [w + 5, 1]], [1, 0]), r"point \(\d+, 1\) is outside"),
+                         (lambda: session.add_points(1, 1, [[float("nan"), 1]], [1]), "outside"),
+                         (lambda: session.add_box(1, 1, [5, 5, 2, 9]), "x0 < x1"),
+                         (lambda: session.add_box(1, 1, [0, 0, w, h + 1]), "box corner")):
+        with pytest.raises(InputError, match=message):
+            bad()
+
+
+def test_an_earlier_result_in_out_is_replaced(predictor, video_dir, tmp_path):
+    out = tmp_path / "o"
+    (out / "masks" / "7").mkdir(parents=True)
+    (out / "masks" / "7" / "old.png").write_bytes(b"stale")
+    (out / "overlay.png").write_bytes(b"stale")
+    (out / "notes.txt").write_text("mine")
+    result = predictor.segment(video_dir, "segment the red circle", out_dir=out)
+    names = sorted(p.name for p in (out / "masks").iterdir())
+    assert names == [str(k + 1) for k in range(len(result.objects))]
+    assert not (out / "overlay.png").exists() and (out / "overlay.mp4").is_file()  # a video's overlay
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def _err(capsys) -> str:
@@ -156,8 +177,16 @@ def test_bad_inputs_are_one_line_errors(seg_model_dir, tmp_path, video_dir, vide
                          (truncated, "cut.mp4"), (nothing, "no_images")):
         assert main(["segment", str(path), "segment it", *model]) == 2
         assert needle in _err(capsys)
-    assert main(["segment", str(video_dir), "   ", *model]) == 2
+    # the request and --out are checked before the model loads: an unknown model is not reached
+    nomodel = ["--model", "no-such-model"]
+    assert main(["segment", str(video_dir), "   ", *nomodel]) == 2
     assert "instruction is empty" in _err(capsys)
+    assert main(["segment", str(video_dir), "segment it", *nomodel, "--key-frames", "0"]) == 2
+    assert "--key-frames 0" in _err(capsys)
+    assert main(["segment", str(video_dir), "segment it", *nomodel, "--out", str(text)]) == 2
+    assert "notes.mp4 exists and is not a directory" in _err(capsys)
+    assert main(["chat", str(video_dir), *nomodel, "--out", str(text)]) == 2
+    assert "notes.mp4 exists and is not a directory" in _err(capsys)
     assert main(["segment", str(video_dir), "segment it", "--model", "no-such-model"]) == 2
     assert "unknown model 'no-such-model'" in _err(capsys)
     broken = tmp_path / "broken"
@@ -167,8 +196,6 @@ def test_bad_inputs_are_one_line_errors(seg_model_dir, tmp_path, video_dir, vide
     (broken / "config.json").write_text(json.dumps(cfg))
     assert main(["segment", str(video_dir), "segment it", "--model", str(broken)]) == 2
     assert "does not match config.json" in _err(capsys)
-    assert main(["segment", str(video_dir), "segment it", *model, "--key-frames", "0"]) == 2
-    assert "--key-frames 0" in _err(capsys)
 
 
 def test_long_instruction_is_trimmed_with_a_warning(seg_model_dir, video_dir, capsys):
@@ -213,13 +240,22 @@ def test_terminal_chat_rounds_and_commands(predictor, video_dir, tmp_path):
 
     from instructseg.inference.chat_cli import run_chat
 
-    stdin = io.StringIO("segment the red circle\n/points 1 1 10,12,1 20,5,0\n/propagate\n/nope\nand the square?\n")
+    source = open_source(video_dir)
+    stdin = io.StringIO("segment the red circle\n/points 1 1 10,12,1 20,5,0\n/propagate\n/nope\nand the square?\n"
+                        "/box 0 1 1 2 3 4 5\n/points 0 1 1,2,3,4\n")
     stdout = io.StringIO()
-    assert run_chat(str(video_dir), predictor, out_dir=tmp_path / "chat", stdin=stdin, stdout=stdout) == 0
+    assert run_chat(source, predictor, out_dir=tmp_path / "chat", stdin=stdin, stdout=stdout) == 0
     text = stdout.getvalue()
     assert "added; /propagate to apply" in text and "unknown command '/nope'" in text
+    assert text.count("error: cannot read") == 2
     for turn in (1, 2, 3):
         assert (tmp_path / "chat" / f"turn_{turn}" / "result.json").is_file()
+    # a second chat in the same folder numbers on: turn 1 of the first chat is kept
+    first = (tmp_path / "chat" / "turn_1" / "result.json").read_text()
+    assert run_chat(source, predictor, out_dir=tmp_path / "chat", stdin=io.StringIO("the square\n"),
+                    stdout=io.StringIO()) == 0
+    assert (tmp_path / "chat" / "turn_4" / "result.json").is_file()
+    assert (tmp_path / "chat" / "turn_1" / "result.json").read_text() == first
 
 
 def test_predictor_merges_the_adapter_and_saving_undoes_it(seg_model_dir, video_dir, tmp_path):

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from instructseg.errors import InputError
-from instructseg.inference.io import open_source
+from instructseg.inference.io import FrameSource
 
 HELP = """Type a question or instruction. Commands:
   /points FRAME OBJ X,Y[,LABEL] ...   clicks on a frame for object OBJ (label 1 positive, 0 negative)
@@ -15,12 +15,15 @@ HELP = """Type a question or instruction. Commands:
   /quit                               leave (end of input too)"""
 
 
-def run_chat(input_path: str, predictor, *, out_dir: Path, mode: str = "propagate",
+def run_chat(source: FrameSource, predictor, *, out_dir: Path, mode: str = "propagate",
              stdin=None, stdout=None) -> int:
+    """Chat about `source` (see `open_source`) until /quit or end of input; turn n's masks go to OUT/turn_<n>/,
+    numbered on after the turns an earlier chat left in `out_dir`."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    session = predictor.start(open_source(input_path))
-    turn = 0
-    print(f"chatting about {input_path} ({len(session.source)} frame(s)); /help for commands", file=stdout)
+    session = predictor.start(source)
+    turn = max((int(p.name[len("turn_"):]) for p in Path(out_dir).glob("turn_*") if p.name[len("turn_"):].isdigit()),
+               default=0)
+    print(f"chatting about {source.path} ({len(source)} frame(s)); /help for commands", file=stdout)
     while True:
         print("> ", end="", file=stdout, flush=True)
         line = stdin.readline()
@@ -60,13 +63,15 @@ def _visual_prompt(session, line: str) -> None:
     try:
         frame, obj = int(parts[1]), int(parts[2])
         if parts[0] == "/box":
-            session.add_box(frame, obj, [float(v) for v in parts[3:7]])
             if len(parts) != 7:
                 raise ValueError
+            session.add_box(frame, obj, [float(v) for v in parts[3:7]])
             return
         points, labels = [], []
         for item in parts[3:]:
             values = [float(v) for v in item.split(",")]
+            if len(values) not in (2, 3):
+                raise ValueError
             points.append(values[:2])
             labels.append(int(values[2]) if len(values) > 2 else 1)
         session.add_points(frame, obj, points, labels)

@@ -146,9 +146,7 @@ class InstructSegPredictor:
     # -- the LLM side -----------------------------------------------------------------------------------------
     def answer(self, frames: FrameSource, instruction: str, *, mode: str = "propagate", key_frames: int | None = None,
                history: list[tuple[str, str]] = (), refinements: dict[int, Refinement] | None = None) -> Answer:
-        instruction = _check_instruction(instruction, mode)
-        if key_frames is not None and key_frames < 1:
-            raise InputError(f"--key-frames {key_frames}: must be at least 1")
+        instruction = check_request(instruction, mode, key_frames)
         keys = uniform_key_frames(len(frames), key_frames or DEFAULT_KEY_FRAMES) if frames.is_video else [0]
         first = self._inputs(frames, keys[0], instruction, None, history)
         with torch.inference_mode():
@@ -249,7 +247,10 @@ class _Forward:
         return 0.0
 
 
-def _check_instruction(instruction: str, mode: str) -> str:
+def check_request(instruction: str, mode: str, key_frames: int | None = None) -> str:
+    """The stripped instruction; InputError for an empty one, an unknown mode or fewer than 1 key frame."""
+    if key_frames is not None and key_frames < 1:
+        raise InputError(f"--key-frames {key_frames}: must be at least 1")
     if mode not in MODES:
         raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     if not isinstance(instruction, str) or not instruction.strip():

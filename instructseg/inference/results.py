@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,15 +170,38 @@ def overlay(frame: np.ndarray, masks: np.ndarray, colours: list[tuple[int, int, 
 
 
 # ---------------------------------------------------------------------------------------------- writer
+_RESULT_FILES = ("result.json", "overlay.mp4", "overlay.png")
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """`out_dir` as a Path; InputError when it (or its masks/) is there but not a directory. Callers check before
+    the slow work, so that a bad --out never costs a run."""
+    out = Path(out_dir)
+    for path in (out, out / "masks"):
+        if path.exists() and not path.is_dir():
+            raise InputError(f"--out {out}: {path} exists and is not a directory")
+    return out
+
+
+def _remove_earlier_result(out: Path) -> None:
+    """An earlier result in `out` is replaced whole: its masks, result.json and overlay go (nothing else)."""
+    if (out / "masks").is_dir():
+        shutil.rmtree(out / "masks")
+    for name in _RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
 class ResultWriter:
     """Streams a result to disk: DIR/masks/<object id>/<frame>.png (0/255, one per frame and object, empty ones
-    too), DIR/result.json, and DIR/overlay.mp4 (video) or DIR/overlay.png (image).
+    too), DIR/result.json, and DIR/overlay.mp4 (video) or DIR/overlay.png (image). An earlier result in DIR is
+    replaced (its masks/, result.json and overlay are removed first; other files stay).
 
     add() takes frames in any order, each once, writes their PNGs at once and keeps only RLEs in memory.
     finish() requires every frame to have been added (when there are objects)."""
 
     def __init__(self, out_dir: str | Path, source: FrameSource, num_objects: int):
-        self.out_dir = Path(out_dir)
+        self.out_dir = check_out_dir(out_dir)
+        _remove_earlier_result(self.out_dir)
         self.source = source
         self.num_objects = int(num_objects)
         self.height, self.width = source.height, source.width

@@ -37,16 +37,30 @@ class ChatSession:
     # -- visual prompts ---------------------------------------------------------------------------------------
     def add_points(self, frame: int, obj_id: int, points, labels) -> None:
         """Clicks in source pixels: points (P, 2) as (x, y); labels (P,) 1 positive, 0 negative."""
-        points, labels = np.asarray(points, np.float32).reshape(-1, 2), np.asarray(labels, np.int32).reshape(-1)
+        points, labels = np.asarray(points, np.float32).reshape(-1, 2), np.asarray(labels).reshape(-1)
         if len(points) != len(labels) or not len(points):
             raise InputError(f"add_points: {len(points)} points and {len(labels)} labels")
-        self._refinement(frame, obj_id).points[obj_id] = (points, labels)
+        if not np.isin(labels, (0, 1)).all():
+            raise InputError(f"add_points: labels are 1 (positive) or 0 (negative), got {labels.tolist()}")
+        self._check_inside(points, "point")
+        self._refinement(frame, obj_id).points[obj_id] = (points, labels.astype(np.int32))
 
     def add_box(self, frame: int, obj_id: int, box) -> None:
         """A box (x0, y0, x1, y1) in source pixels."""
         x0, y0, x1, y1 = (float(v) for v in box)
-        self._refinement(frame, obj_id).points[obj_id] = (np.array([[x0, y0], [x1, y1]], np.float32),
-                                                          np.array([2, 3], np.int32))
+        if not (x0 < x1 and y0 < y1):
+            raise InputError(f"add_box: expected x0 < x1 and y0 < y1, got {box}")
+        corners = np.array([[x0, y0], [x1, y1]], np.float32)
+        self._check_inside(corners, "box corner")
+        self._refinement(frame, obj_id).points[obj_id] = (corners, np.array([2, 3], np.int32))
+
+    def _check_inside(self, points: np.ndarray, what: str) -> None:
+        """(x, y) in source pixels must lie on the frame, its far edges included."""
+        w, h = self.source.width, self.source.height
+        inside = np.isfinite(points).all(1) & (points >= 0).all(1) & (points[:, 0] <= w) & (points[:, 1] <= h)
+        if not inside.all():
+            x, y = points[~inside][0].tolist()
+            raise InputError(f"{what} ({x:g}, {y:g}) is outside the {w}×{h} frame")
 
     def add_mask(self, frame: int, obj_id: int, mask: np.ndarray) -> None:
         mask = np.asarray(mask).astype(bool)

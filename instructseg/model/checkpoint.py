@@ -104,8 +104,8 @@ def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", s
         torch.manual_seed(seed)
         return InstructSegModel(preset(str(name_or_dir)).override(list(overrides))).to(device)
     if not path.is_dir():
-        raise InputError(f"unknown model {str(name_or_dir)!r}: expected a preset ({', '.join(PRESETS)}) "
-                         "or a saved model directory")
+        raise InputError(f"unknown model {str(name_or_dir)!r}: expected default (the shipped model), a preset "
+                         f"({', '.join(PRESETS)}) or a saved model directory")
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a saved instructseg model (no config.json)")
     config = ModelConfig.load(path / "config.json").override(list(overrides))
