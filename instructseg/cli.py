@@ -27,6 +27,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.benchmark == "revos" and args.predictions is not None:
         from instructseg.eval.revos import score_revos
 
+        given = [flag for flag, value in (("--model", args.model), ("--limit", args.limit),
+                                          ("--key-frames", args.key_frames)) if value is not None]
+        if given:
+            raise InputError(f"eval revos --predictions scores existing masks: {', '.join(given)} only apply when a "
+                             "model runs (drop --predictions to run one)")
+        _quiet_libraries()
+
         results = score_revos(Path(args.data_root), args.split or "valid", Path(args.predictions), Path(args.output),
                               workers=args.workers, legacy_visa=args.legacy_visa)
         _print_revos_table(results)

@@ -118,13 +118,39 @@ def test_another_configuration_in_the_same_output_is_refused(revos_run, seg_mode
     assert len(err) == 1 and "another configuration" in err[0] and "mode" in err[0]
 
 
+def test_weights_trained_again_into_the_same_folder_are_another_configuration(seg_model_dir, synth_root, tmp_path,
+                                                                              capsys):
+    from safetensors.torch import load_file, save_file
+
+    model, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(seg_model_dir, model)
+    assert _eval("revos", synth_root / "revos", out, model, "--limit", "1") == 0
+    weights = load_file(str(model / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    save_file(weights, str(model / "model.safetensors"))
+    capsys.readouterr()
+    assert _eval("revos", synth_root / "revos", out, model, "--limit", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another configuration (weights:" in err[0]
+
+
 def test_bad_arguments_are_one_line_errors(seg_model_dir, synth_root, tmp_path, capsys):
     assert _eval("revos", synth_root / "revos", tmp_path / "o", seg_model_dir, "--limit", "0") == 2
     assert _eval("revos", tmp_path / "nowhere", tmp_path / "o", seg_model_dir) == 2
     assert _eval("revos", synth_root / "revos", tmp_path / "o", seg_model_dir, "--key-frames", "0") == 2
     assert main(["eval", "reasonseg", "--data-root", str(synth_root / "reasonseg"), "--output", str(tmp_path)]) == 2
+    # score-only mode takes no model options; a malformed annotation file stops the run before any model loads
+    assert main(["eval", "revos", "--data-root", str(synth_root / "revos"), "--output", str(tmp_path / "s"),
+                 "--predictions", str(tmp_path), "--model", "tiny", "--limit", "3"]) == 2
+    broken = tmp_path / "broken"
+    shutil.copytree(synth_root / "revos", broken, symlinks=True)
+    (broken / "mask_dict.json").unlink()
+    (broken / "mask_dict.json").write_text('{"1": {"counts"')
+    assert _eval("revos", broken, tmp_path / "b", Path("no-such-model")) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 4 and all(line.startswith("instructseg: error:") for line in lines)
+    assert len(lines) == 6 and all(line.startswith("instructseg: error:") for line in lines)
+    assert "--model, --limit only apply when a model runs" in lines[4] and "mask_dict.json" in lines[5]
 
 
 def test_resuming_after_lost_records_gives_identical_outputs(revos_run, seg_model_dir, synth_root, tmp_path,
@@ -217,7 +243,7 @@ def _broken_revos(synth_root: Path, root: Path) -> tuple[str, str]:
     return f"{bad}/{scored[0]}", f"{vid}/{scored[0]}"
 
 
-def test_failures_are_retried_once_then_recorded(seg_model_dir, synth_root, tmp_path, monkeypatch, capsys):
+def test_transient_failures_are_retried_once_bad_data_recorded_at_once(seg_model_dir, synth_root, tmp_path, monkeypatch, capsys):
     root, out = tmp_path / "revos", tmp_path / "out"
     corrupt, empty = _broken_revos(synth_root, root)
     from instructseg.inference.predictor import InstructSegPredictor
@@ -236,14 +262,14 @@ def test_failures_are_retried_once_then_recorded(seg_model_dir, synth_root, tmp_
     printed = capsys.readouterr()
     results = _json(out / "results.json")
     assert [f["key"] for f in results["failed"]] == [corrupt, empty]
-    assert all(f["attempts"] == 2 for f in results["failed"])
+    assert all(f["attempts"] == 1 for f in results["failed"])  # bad data fails alike every time: no retry
     assert "not a readable image" in results["failed"][0]["error"]
     assert "instruction is empty" in results["failed"][1]["error"]
     assert results["missing"] == [corrupt, empty]  # scored 0, as the scorer scores a missing prediction
     assert not (out / "predictions" / corrupt).exists() and not (out / "predictions" / empty).exists()
     records = {r["key"]: r for r in map(_json, (out / "records").iterdir())}
     assert len(records) == 4 and sum(r["status"] == "ok" and r["attempts"] == 2 for r in records.values()) == 1
-    assert printed.err.count("retrying") == 3 and "FAILED: 2 of 4" in printed.out
+    assert printed.err.count("retrying") == 1 and "FAILED: 2 of 4" in printed.out
 
     # failed items are not finished: a re-run tries them again, and gives the same numbers
     monkeypatch.setattr(InstructSegPredictor, "segment", original)

@@ -221,3 +221,24 @@ def test_cli_synth(tmp_path, capsys):
     frame = Image.open(out / "revos" / "JPEGImages" / "v0000" / "00003.jpg")
     assert frame.size == (64, 48)
     assert main(["synth", "--out", str(out)]) == 2  # refuses to mix with earlier output
+
+
+def test_an_interrupted_generation_leaves_no_dataset_behind(tmp_path, monkeypatch):
+    """A new folder appears whole or not at all, so that `train` (which generates a recipe's data when its folder
+    is missing) never takes a half-written dataset for a complete one after a kill."""
+    import instructseg.data.synthetic as synthetic
+
+    spec = SynthSpec(seed=0, videos=2, images=4, frames=2, height=32, width=32)
+    out = tmp_path / "shapes"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(synthetic, "write_chat", killed)
+        with pytest.raises(KeyboardInterrupt):
+            generate(out, spec)
+    assert not out.exists()
+    generate(out, spec)  # the leftover is cleared and the folder written whole
+    assert sorted(p.name for p in out.iterdir()) == ["chat", "reasonseg", "refcoco", "refytvos", "revos"]
+    assert [p.name for p in tmp_path.iterdir()] == ["shapes"]

@@ -180,6 +180,33 @@ def test_recipe_overrides_and_errors(tmp_path, synth_root):
         load_recipe(bad)
 
 
+def test_resume_refuses_another_model_or_optimizer(tmp_path, synth_root):
+    from instructseg.errors import InputError
+    from instructseg.train import checkpoints as ckpt
+    from instructseg.train.recipe import load_recipe, recipe_to_dict
+    from instructseg.train.trainer import resume_changes
+
+    path = _recipe(tmp_path, synth_root)
+    recipe = load_recipe(path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.json").write_text(json.dumps(recipe_to_dict(recipe)))
+    assert resume_changes(load_recipe(path, ["model.llm.lora_r=2"])) == []  # no checkpoint yet: a fresh run
+    (run / "checkpoints" / ckpt.tag_for(3)).mkdir(parents=True)
+    ckpt.mark_complete(run / "checkpoints", 3, {"world_size": 1})
+    assert resume_changes(recipe) == []
+    assert resume_changes(load_recipe(path, ["train.steps=9", "train.save_every=1"])) == [
+        "train.save_every", "train.steps"]
+    for item, message in (("model.llm.lora_r=2", "other model_overrides"), ("train.lr=0.5", "train.lr: 0.001 there, "
+                                                                                        "0.5 here"),
+                          ("train.freeze=[vision]", "other train.freeze")):
+        with pytest.raises(InputError, match=message):
+            resume_changes(load_recipe(path, [item]))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(InputError, match="a_file: exists and is not a directory"):
+        resume_changes(load_recipe(path, [f"output_dir={tmp_path / 'a_file'}"]))
+
+
 def test_cli_train_bad_recipe_is_one_line(tmp_path, capsys):
     from instructseg.cli import main
 
@@ -231,6 +258,10 @@ def test_encoder_stage_learns_categories_and_is_skipped_on_resume(tmp_path, synt
     result = _train([str(recipe), "train.steps=3"])
     assert "encoder stage" not in result.stdout and "resuming from" in result.stdout
     assert len((tmp_path / "run" / "encoders.jsonl").read_text().splitlines()) == 40
+    # more steps are a change a resume may make: the recipe of the first two steps stays on record
+    assert "resuming at step 2 with changed train.steps" in result.stdout
+    assert json.loads((tmp_path / "run" / "recipe.until_step2.json").read_text())["train"]["steps"] == 2
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["train"]["steps"] == 3
     # the frozen ViT of the resumed run is the stage's (checkpoints leave frozen parameters out)
     from safetensors.torch import load_file
 

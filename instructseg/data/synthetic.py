@@ -10,6 +10,7 @@ The pieces: `synthetic_scene` (vocabulary, sampling, rendering), `synthetic_text
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,11 @@ def generate(out: Path, spec: SynthSpec) -> dict[str, int]:
     spec.validate()
     out = Path(out)
     _check_out(out)
+    # a new folder appears whole: written beside it under a temporary name, renamed at the end, so that an
+    # interrupted run leaves no half-written dataset that a re-run would take for a complete one
+    final, out = out, (out.with_name(f".{out.name}.partial") if not out.exists() else out)
+    if out != final and out.exists():
+        shutil.rmtree(out)
     videos = [build_video(spec, i) for i in range(spec.videos)]
     images = [build_image(spec, i) for i in range(spec.images)]
     video_jpegs = {v.vid: [jpeg_bytes(frame) for frame in v.rendered.frames] for v in videos}
@@ -137,4 +143,6 @@ def generate(out: Path, spec: SynthSpec) -> dict[str, int]:
     counts["refcoco_sentences"] = write_refcoco(out / "refcoco", images, coco_jpegs)
     counts["reasonseg_samples"] = write_reasonseg(out / "reasonseg", images, image_jpegs)
     counts["conversations"] = write_chat(out / "chat", [r for r in images if r.split == "train"], image_jpegs)
+    if out != final:
+        out.rename(final)
     return counts

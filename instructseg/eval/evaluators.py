@@ -88,6 +88,10 @@ class Evaluator:
     def prediction_path(self, item: Item) -> Path:
         raise NotImplementedError
 
+    def check_ground_truth(self, item: Item) -> None:
+        """Read `item`'s ground truth (InputError naming the file when it is unreadable), before any model runs."""
+        raise NotImplementedError
+
     def reset(self) -> None:
         self.rows = []
 
@@ -149,6 +153,9 @@ class VideoEvaluator(Evaluator):
 
     def prediction_path(self, item: Item) -> Path:
         return self.pred_dir / item.sample.video / item.sample.exp_id
+
+    def check_ground_truth(self, item: Item) -> None:
+        item.sample.union_masks()
 
     def _process(self, item: Item, result) -> dict:
         expr = item.sample
@@ -246,6 +253,10 @@ class JFEvaluator(VideoEvaluator):
     def __init__(self, output: Path, samples: list[VideoExpression], *, title: str, has_gt: bool, note: str = ""):
         super().__init__(output, samples)
         self.title, self.has_gt, self.note = title, has_gt, note
+
+    def check_ground_truth(self, item: Item) -> None:
+        if self.has_gt:
+            super().check_ground_truth(item)
 
     def _score(self, item: Item, pred: np.ndarray) -> dict:
         if not self.has_gt:

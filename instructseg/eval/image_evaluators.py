@@ -26,6 +26,10 @@ class ImageEvaluator(Evaluator):
     def prediction_path(self, item: Item) -> Path:
         return self.output / "predictions" / item.sample.split / f"{item.sample.sample_id}.png"
 
+    def check_ground_truth(self, item: Item) -> None:
+        item.sample.union_mask()
+        item.sample.ignore()
+
     def _process(self, item: Item, result) -> dict:
         pred = result.masks(0).any(axis=0)
         write_mask_file(self.prediction_path(item), pred)

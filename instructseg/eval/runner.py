@@ -15,6 +15,7 @@ give the same results.json as one uninterrupted process (given deterministic inf
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -75,8 +76,9 @@ def build_evaluator(args: argparse.Namespace) -> tuple[Evaluator, dict]:
     if not root.is_dir():
         raise InputError(f"--data-root {root}: not a directory")
     config = {"benchmark": name, "data_root": str(root.resolve()), "model": _model_id(args.model)}
-    if args.model is not None:  # one precision per run: resuming with another would mix them
+    if args.model is not None:  # one precision and one set of weights per run: resuming with others would mix them
         config["llm_dtype"] = args.llm_dtype
+        config["weights"] = _weights_fingerprint(args.model)
     if name == "refcoco":
         split_by, splits = _refcoco_splits(args, root)
         evaluator = RefcocoEvaluator(root, args.dataset, split_by, splits, output)
@@ -98,6 +100,25 @@ def build_evaluator(args: argparse.Namespace) -> tuple[Evaluator, dict]:
 def _model_id(model: str) -> str:
     path = Path(model)
     return str(path.resolve()) if path.exists() else str(model)
+
+
+def _weights_fingerprint(model: str) -> str | None:
+    """A hash of a saved model's weight files (the shipped `default` included), so that a model trained again
+    into the same folder is not taken for the one an unfinished run began with; None for presets."""
+    from instructseg.model.checkpoint import default_model_dir
+
+    path = Path(model)
+    if str(model) == "default" and not path.exists():
+        path = default_model_dir()
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*.safetensors")):
+        digest.update(file.relative_to(path).as_posix().encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -159,11 +180,14 @@ def run_item(predictor, evaluator: Evaluator, item: Item, *, mode: str, key_fram
                     "seconds": round(time.perf_counter() - start, 3)}
         except Exception as err:  # noqa: BLE001 - any failure of one item is recorded, never fatal to the run
             errors.append(_one_line(err))
-            again = "retrying" if attempt < ATTEMPTS else "recorded as failed"
+            # bad data (an InputError: unreadable frames or ground truth) fails the same way every time
+            again = "retrying" if attempt < ATTEMPTS and not isinstance(err, InputError) else "recorded as failed"
             warn(f"instructseg: warning: {evaluator.name} {item.key}: attempt {attempt} failed ({errors[-1]}); "
                  f"{again}")
             _free_accelerator_memory()
-    return {"key": item.key, "status": "failed", "error": errors[-1], "errors": errors, "attempts": ATTEMPTS,
+            if again != "retrying":
+                break
+    return {"key": item.key, "status": "failed", "error": errors[-1], "errors": errors, "attempts": len(errors),
             "metrics": evaluator.failed(item, errors[-1]), "seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -264,6 +288,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise InputError(f"eval {args.benchmark}: two items share the key {dup!r}")
+    evaluator.check_ground_truth(items[0])  # a malformed annotation file stops the run before the model loads
     output.mkdir(parents=True, exist_ok=True)
     check_run_config(output, config)
     store = RecordStore(output)

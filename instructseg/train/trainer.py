@@ -93,6 +93,41 @@ def _deepspeed_config(recipe: Recipe, world: int, cuda: bool) -> dict:
     return config
 
 
+# What a resumed run restores and so cannot change: the model's shapes and the optimizer's state.
+FIXED_ON_RESUME = ("model", "model_overrides", "train.lr", "train.weight_decay", "train.freeze", "train.deepspeed")
+
+
+def resume_changes(recipe: Recipe) -> list[str]:
+    """The recipe keys (top level, "train.*") that differ from the run already in `output_dir` when it will be
+    resumed ([] for a fresh run); InputError when output_dir is a file or one of FIXED_ON_RESUME differs.
+    Other changes are allowed: more steps, another data mix (how the shipped model's stages continue)."""
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output_dir={out}: exists and is not a directory")
+    saved = out / "recipe.json"
+    if ckpt.latest_complete(out / "checkpoints") is None or not saved.is_file():
+        return []
+    try:
+        before = _flat(json.loads(saved.read_text()))
+    except ValueError as err:
+        raise InputError(f"{saved}: not valid JSON ({err}); move the run away or choose another output_dir") from None
+    now = _flat(recipe_to_dict(recipe))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k != "recipe_dir")
+    fixed = [k for k in changed if k in FIXED_ON_RESUME]
+    if fixed:
+        raise InputError(f"output_dir={out} holds a run with other {', '.join(fixed)} ("
+                         + "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} here" for k in fixed)
+                         + "): a resumed run keeps its model and optimizer; use the same values or another output_dir")
+    return changed
+
+
+def _flat(recipe: dict) -> dict:
+    """A recipe dict with the train section's keys as "train.<key>"."""
+    flat = {k: v for k, v in recipe.items() if k != "train"}
+    flat.update({f"train.{k}": v for k, v in recipe.get("train", {}).items()})
+    return flat
+
+
 class Trainer:
     """Holds the engine, the data stream and the bookkeeping of one run."""
 
@@ -103,10 +138,11 @@ class Trainer:
         from instructseg.train.losses import SegmentationLoss
 
         self.recipe = recipe
-        self.rank, self.world, self.device = init_distributed()
-        _ensure_synth(recipe, self.rank)
         self.out = Path(recipe.output_dir)
         self.root = self.out / "checkpoints"
+        self.changed = resume_changes(recipe)  # before anything slow: a run it cannot resume stops here
+        self.rank, self.world, self.device = init_distributed()
+        _ensure_synth(recipe, self.rank)
         model = build_model(recipe)
         model.train()
         if recipe.encoders.steps > 0:
@@ -229,6 +265,11 @@ class Trainer:
 
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self.changed:  # the recipe the earlier steps ran with stays on record
+                step = ckpt.latest_complete(self.root)
+                (self.out / "recipe.json").rename(self.out / f"recipe.until_step{step}.json")
+                print(f"resuming at step {step} with changed {', '.join(self.changed)}; the earlier recipe is kept "
+                      f"as {self.out / f'recipe.until_step{step}.json'}", flush=True)
             (self.out / "recipe.json").write_text(json.dumps(recipe_to_dict(self.recipe), indent=2))
             ckpt.prune(self.root, self.recipe.train.keep_checkpoints)  # drop saves a kill left half-written
         self.resume()
