@@ -17,19 +17,21 @@ API endpoints (gradio_client; the per-visitor state follows the client's session
 objects), /propagate(objects, frame), and the stateless /segment(media, instruction) -> (text, overlay, zip).
 """
 import collections
+import contextlib
 import html
 import json
 import shutil
 import tempfile
 import threading
+import traceback
 import weakref
 from pathlib import Path
 
 
-from instructseg.errors import InputError
+from instructseg.errors import FrameLimitError, InputError
 from instructseg.inference.io import IMAGE_EXTS, VIDEO_EXTS, open_source
 from instructseg.demo_views import (Visit, _answer_text, _close_visit, _frame_view, _legend, _overlay_file, _timing,
-                                       _view_scale, _zip, _zip_dir)
+                                       _view_scale, _zip, _zip_dir, private_copy)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MEDIA_EXTS = VIDEO_EXTS + IMAGE_EXTS
@@ -78,12 +80,11 @@ def build_app(predictor, *, max_upload_mb: float = 200.0, max_frames: int = 300,
         if path.stat().st_size > limit_bytes:
             raise InputError(f"{label} is {path.stat().st_size / 2**20:.1f} MB; this demo accepts uploads up to "
                              f"{max_upload_mb:g} MB")
-        source = open_source(path)
-        if len(source) > max_frames:
-            source.close()
-            raise InputError(f"{label} has {len(source)} frames; this demo accepts at most {max_frames} frames "
-                             f"(trim the video or start the demo with a larger --max-frames)")
-        return source
+        try:  # a long video is refused as soon as its frame count passes the limit, not decoded to its end
+            return open_source(path, max_frames=max_frames)
+        except FrameLimitError:
+            raise InputError(f"{label} has more than {max_frames} frames; this demo accepts at most {max_frames} "
+                             "frames (trim the video or start the demo with a larger --max-frames)") from None
 
     def uploaded(path) -> Path:
         if not path:
@@ -93,19 +94,25 @@ def build_app(predictor, *, max_upload_mb: float = 200.0, max_frames: int = 300,
             raise InputError("only uploaded files can be opened")
         return path
 
-    def start(old: Visit | None, path: Path, label: str, progress):
+    def start(old: Visit | None, path: Path, label: str, progress, *, own_copy: bool):
         progress(0, desc="reading the media")
-        source = open_checked(path, label)
-        _close_visit(old)
-        visit = Visit(root, predictor, source, label)
+        media = private_copy(path, root) if own_copy else path
+        try:
+            source = open_checked(media, label)
+        except InputError:
+            if own_copy:
+                shutil.rmtree(media.parent, ignore_errors=True)
+            raise
+        _close_visit(old)  # waits for a question of the old visit still running
+        visit = Visit(root, predictor, source, label, media_dir=media.parent if own_copy else None)
         kind = f"{len(source)} frames at {source.fps:g} fps" if source.is_video else "image"
         hint = examples.get(path.name, {}).get("instructions", []) if path.parent == examples_dir_resolved else []
         status = f"**{html.escape(label)}**: {kind}, {source.width}×{source.height}. Ask about it below."
         if hint:
             status += " Try: " + ", ".join(f"*{html.escape(h)}*" for h in hint[:3]) + "."
         with visit.lock:
-            frame = visit.source.frame(0)
-        return (visit, [], status, gr.update(maximum=max(len(source) - 1, 1), value=0, visible=source.is_video),
+            frame = _frame_view(visit, 0, [])
+        return (visit, [], status, gr.update(maximum=max(len(source) - 1, 1), value=0, visible=len(source) > 1),
                 frame, gr.update(value=None, visible=source.is_video),
                 gr.update(value=None, visible=not source.is_video),
                 gr.update(choices=[], value=[]), "", None, gr.update(choices=[], value=None))
@@ -115,13 +122,13 @@ def build_app(predictor, *, max_upload_mb: float = 200.0, max_frames: int = 300,
     @_user_errors
     def load_upload(visit, media, progress=gr.Progress()):
         path = uploaded(media)
-        return start(visit, path, path.name, progress)
+        return start(visit, path, path.name, progress, own_copy=True)
 
     @_user_errors
     def load_example(visit, name, progress=gr.Progress()):
         if name not in examples:  # never joined to a path unless it is one of the listed files
             raise InputError(f"unknown example {name!r}")
-        return start(visit, examples_dir_resolved / name, name, progress)
+        return start(visit, examples_dir_resolved / name, name, progress, own_copy=False)
 
     # -- asking and refining -----------------------------------------------------------------------------
     def results_view(visit: Visit, selected, frame: int, status: str):
@@ -180,7 +187,7 @@ def build_app(predictor, *, max_upload_mb: float = 200.0, max_frames: int = 300,
         if x is None or y is None:
             raise InputError("click on the frame to place a point")
         label = 0 if polarity == "negative" else 1
-        with visit.lock:  # not while this visitor's question runs (it resets the points)
+        with _view_lock(visit):  # not while this visitor's question runs (it resets the points)
             clicks = visit.clicks.get((frame, obj), []) + [(float(x), float(y), label)]
             visit.session.add_points(frame, obj, [c[:2] for c in clicks], [c[2] for c in clicks])
             visit.clicks[(frame, obj)] = clicks
@@ -197,16 +204,16 @@ def build_app(predictor, *, max_upload_mb: float = 200.0, max_frames: int = 300,
     @_user_errors
     def show_objects(visit, selected, frame):
         visit = _require(visit)
-        if visit.result is None:
-            return None, None, show_frame(visit, frame, selected)
-        video, image = _overlay_file(visit, selected or [])
-        with visit.lock:
+        with _view_lock(visit):
+            if visit.result is None:
+                return None, None, _frame_view(visit, int(frame or 0), selected)
+            video, image = _overlay_file(visit, selected or [])
             return video, image, _frame_view(visit, int(frame or 0), selected or [])
 
     @_user_errors
     def show_frame(visit, frame, selected):
         visit = _require(visit)
-        with visit.lock:
+        with _view_lock(visit):
             return _frame_view(visit, int(frame or 0), selected)
 
     @_user_errors
@@ -339,8 +346,27 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except InputError as err:
             raise gr.Error(str(err), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as err:  # noqa: BLE001 - a bug must still reach the visitor as a message, not a bare "Error"
+            traceback.print_exc()
+            text = " ".join(str(err).split()) or type(err).__name__
+            raise gr.Error(f"something went wrong ({type(err).__name__}: {text}); the server log has the details",
+                           print_exception=False) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _view_lock(visit: Visit):
+    """The visit's lock for a view, refused (not waited for) while the visitor's own question runs, so that
+    views never queue up behind a model call."""
+    if not visit.lock.acquire(blocking=False):
+        raise InputError("the answer is on its way: the view updates when it is done")
+    try:
+        yield
+    finally:
+        visit.lock.release()
 
 
 def _check_limits(max_upload_mb: float, max_frames: int) -> None:

@@ -1,6 +1,7 @@
 """Per-visitor state of the web demo and what it renders: overlays with per-object toggles, the click view, the
 masks zip, the answer and timing lines. No gradio here; `instructseg.app` wires these into the page."""
 import html
+import os
 import shutil
 import tempfile
 import threading
@@ -14,19 +15,22 @@ from instructseg.inference.io import write_video
 from instructseg.inference.results import PALETTE, SegmentationResult, overlay
 
 VIEW_SIDE = 480  # frames smaller than this are shown enlarged (by an integer factor) for clicking
+MAX_VIEW_SIDE = 4096  # frames larger than this are shown reduced (browsers and WebP stop at 16383 px)
 
 
 # ---------------------------------------------------------------------------------------------- per-visitor state
 class Visit:
     """One browser tab's (or API client's) state: the chat session on its media, the turns' outputs and clicks."""
 
-    def __init__(self, root: Path, predictor, source, label: str):
+    def __init__(self, root: Path, predictor, source, label: str, media_dir: Path | None = None):
+        """`media_dir`: a folder holding this visit's own copy of its media, removed with the visit."""
         from instructseg.inference.session import ChatSession
 
         self.dir = Path(tempfile.mkdtemp(prefix="visit-", dir=root))
+        self.media_dir = media_dir
         self.session = ChatSession(predictor, source)
         self.label = label
-        self.lock = threading.Lock()  # sources are not thread-safe
+        self.lock = threading.RLock()  # sources are not thread-safe; views taken under it may take it again
         self.messages: list[dict] = []
         self.turn = 0
         self.out: Path | None = None  # the last turn's output directory
@@ -51,13 +55,30 @@ class Visit:
         self.out = out
 
     def close(self) -> None:
-        self.source.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Waits for a question in flight (a new upload or the state's expiry must not pull the media from under
+        it), then frees the source and removes the visit's files."""
+        with self.lock:
+            self.source.close()
+            for folder in (self.dir, self.media_dir):
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _close_visit(visit: Visit | None) -> None:
     if visit is not None:
         visit.close()
+
+
+def private_copy(path: Path, root: Path) -> Path:
+    """`path` hard-linked (copied across file systems) into a new folder under `root`. Gradio's cache cleaner
+    deletes uploads after an hour while a visit lives for hours, and a video is read again at every question."""
+    folder = Path(tempfile.mkdtemp(prefix="media-", dir=root))
+    target = folder / path.name
+    try:
+        os.link(path, target)
+    except OSError:  # another file system, or links not allowed: a copy
+        shutil.copyfile(path, target)
+    return target
 
 
 
@@ -112,9 +133,11 @@ def _overlay_file(visit: Visit, selected) -> tuple[str | None, str | None]:
     return (str(path), None) if visit.source.is_video else (None, str(path))
 
 
-def _view_scale(source) -> int:
-    """Integer factor by which small frames are enlarged in the click view (clicks are divided by it)."""
-    return max(1, VIEW_SIDE // max(source.height, source.width))
+def _view_scale(source) -> float:
+    """Factor by which frames are scaled in the click view (clicks are divided by it): an integer that enlarges
+    small frames, below 1 for frames larger than MAX_VIEW_SIDE."""
+    side = max(source.height, source.width)
+    return MAX_VIEW_SIDE / side if side > MAX_VIEW_SIDE else max(1, VIEW_SIDE // side)
 
 
 def _frame_view(visit: Visit, t: int, selected) -> np.ndarray:
@@ -126,8 +149,9 @@ def _frame_view(visit: Visit, t: int, selected) -> np.ndarray:
         img = overlay(img, _selected_masks(visit.result, t, selected))
     k = _view_scale(visit.source)
     pil = Image.fromarray(img)
-    if k > 1:
-        pil = pil.resize((pil.width * k, pil.height * k), Image.NEAREST)
+    if k != 1:
+        pil = pil.resize((max(1, round(pil.width * k)), max(1, round(pil.height * k))),
+                         Image.NEAREST if k > 1 else Image.BILINEAR)
     draw = ImageDraw.Draw(pil)
     r = max(5, min(pil.size) // 50)
     for (f, _), clicks in visit.clicks.items():

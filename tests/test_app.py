@@ -24,7 +24,9 @@ from PIL import Image
 gr = pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from instructseg.app import EXAMPLES_DIR, Visit, _frame_view, _overlay_file, _view_scale, build_app  # noqa: E402
+from instructseg.app import EXAMPLES_DIR, Visit, _frame_view, _overlay_file, _user_errors, _view_lock, _view_scale, \
+    build_app  # noqa: E402
+from instructseg.errors import InputError  # noqa: E402
 from instructseg.cli import main  # noqa: E402
 from instructseg.inference.io import open_source, write_video  # noqa: E402
 from instructseg.inference.predictor import InstructSegPredictor  # noqa: E402
@@ -120,6 +122,9 @@ def test_cli_rejects_bad_limits_before_loading_a_model(capsys):
 def test_api_multi_round_chat_toggles_points_and_download(client, server):
     loaded = client.predict(handle_file(str(VIDEO)), api_name="/load")
     assert "16 frames" in loaded[1]
+    # gradio's cache cleaner deletes uploads after an hour; the visit reads its own copy
+    for upload in Path(gr.utils.get_upload_folder()).rglob(VIDEO.name):
+        upload.unlink()
     first = client.predict("the black shape", api_name="/ask")
     chat, video, zip_path = first[1], first[2], first[6]
     assert [m["role"] for m in chat] == ["user", "assistant"] and "1 object segmented" in str(chat[1]["content"])
@@ -205,7 +210,7 @@ def test_upload_limit_is_also_checked_by_the_handlers(predictor, tmp_path):
 
 def test_too_many_frames_is_refused_with_a_message(client, tmp_path):
     long_video = write_video(tmp_path / "long.mp4", (np.full((32, 32, 3), 8 * t, np.uint8) for t in range(24)))
-    with pytest.raises(Exception, match=f"has 24 frames; this demo accepts at most {MAX_FRAMES} frames"):
+    with pytest.raises(Exception, match=f"has more than {MAX_FRAMES} frames; this demo accepts at most {MAX_FRAMES}"):
         client.predict(handle_file(str(long_video)), api_name="/load")
 
 
@@ -318,3 +323,51 @@ def test_browser_upload_ask_overlay_click_propagate(browser_server, tmp_path):
     assert pixels.shape[0] > 600 and pixels.shape[1] == 1400 and pixels.std() > 10
     if os.environ.get("INSTRUCTSEG_DEMO_SCREENSHOT"):
         shutil.copy(shot, os.environ["INSTRUCTSEG_DEMO_SCREENSHOT"])
+
+
+def test_views_of_large_frames_are_reduced(predictor, tmp_path):
+    """WebP (how gradio sends images) stops at 16383 px: a frame over MAX_VIEW_SIDE is shown reduced, and a click
+    on the reduced view still lands on the right source pixel."""
+    from instructseg.demo_views import MAX_VIEW_SIDE
+
+    wide = tmp_path / "panorama.png"
+    Image.fromarray(np.full((300, 9000, 3), 90, np.uint8)).save(wide)
+    visit = Visit(tmp_path, predictor, open_source(wide), wide.name)
+    try:
+        k = _view_scale(visit.source)
+        view = _frame_view(visit, 0, [])
+        assert k < 1 and view.shape[1] == MAX_VIEW_SIDE and view.shape[0] == round(300 * k)
+    finally:
+        visit.close()
+
+
+def test_views_do_not_wait_behind_a_question_and_bugs_are_messages(predictor, tmp_path):
+    visit = Visit(tmp_path, predictor, open_source(IMAGE), IMAGE.name)
+    asking, done = threading.Event(), threading.Event()
+
+    def question():  # holds the visit's lock as a running question does
+        with visit.lock:
+            asking.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=question)
+    thread.start()
+    try:
+        asking.wait(10)
+        with pytest.raises(InputError, match="the answer is on its way"):
+            with _view_lock(visit):
+                pass
+    finally:
+        done.set()
+        thread.join()
+    with _view_lock(visit):  # free again once the question is done
+        assert visit.lock.acquire(blocking=False)  # and re-entrant for the view's own helpers
+        visit.lock.release()
+    visit.close()
+
+    @_user_errors
+    def broken():
+        raise ValueError("boom")
+
+    with pytest.raises(gr.Error, match=r"something went wrong \(ValueError: boom\)"):
+        broken()

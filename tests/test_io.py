@@ -341,3 +341,19 @@ def test_resized_cache_is_on_disk(tmp_path):
 
 def test_has_encoder():
     assert has_encoder("mpeg4") and not has_encoder("no-such-codec")
+
+
+def test_frame_limit_stops_counting_early(tmp_path):
+    from instructseg.errors import FrameLimitError
+
+    video = write_video(tmp_path / "v.mp4", (np.full((32, 32, 3), 10 * t, np.uint8) for t in range(12)))
+    with pytest.raises(FrameLimitError, match="more than 5 frames"):
+        open_source(video, max_frames=5)
+    with open_source(video, max_frames=12) as source:
+        assert len(source) == 12
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for t in range(4):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames / f"{t}.png")
+    with pytest.raises(FrameLimitError, match="4 frames, more than 3"):
+        open_source(frames, max_frames=3)

@@ -34,7 +34,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import InputError
+from ..errors import FrameLimitError, InputError
 
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mov", ".mkv")
 FRAME_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -224,7 +224,7 @@ class _VideoResources:
 class VideoFileSource(FrameSource):
     """A video file decoded with PyAV. Frames are named "00000", "00001", ..."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, max_frames: int | None = None):
         self.path = Path(path)
         self._res = _VideoResources()
         self._finalizer = weakref.finalize(self, self._res.close)
@@ -239,6 +239,8 @@ class VideoFileSource(FrameSource):
                 if size is None:
                     size = (frame.height, frame.width)
                 count += 1
+                if max_frames is not None and count > max_frames:
+                    raise FrameLimitError(f"{self.path}: more than {max_frames} frames")
         finally:
             container.close()
         if count == 0:
@@ -362,11 +364,16 @@ class VideoFileSource(FrameSource):
         self._finalizer()
 
 
-def open_source(path: str | Path) -> FrameSource:
-    """The frame source for a video file, a directory of frames or one image; InputError (one line) otherwise."""
+def open_source(path: str | Path, max_frames: int | None = None) -> FrameSource:
+    """The frame source for a video file, a directory of frames or one image; InputError (one line) otherwise.
+    With `max_frames`, a longer video or directory raises FrameLimitError as soon as that is known (a video is
+    not decoded to its end)."""
     p = Path(path)
     if p.is_dir():
-        return FrameDirSource(p)
+        source = FrameDirSource(p)
+        if max_frames is not None and len(source) > max_frames:
+            raise FrameLimitError(f"{p}: {len(source)} frames, more than {max_frames}")
+        return source
     if not p.exists():
         raise InputError(f"{p}: no such file or directory")
     if not p.is_file():
@@ -378,7 +385,7 @@ def open_source(path: str | Path) -> FrameSource:
         raise InputError(f"{p}: cannot read ({_reason(err)})") from None
     ext = p.suffix.lower()
     if ext in VIDEO_EXTS:
-        return VideoFileSource(p)
+        return VideoFileSource(p, max_frames)
     if ext in IMAGE_EXTS:
         return ImageSource(p)
     raise InputError(f"{p}: unsupported file type {ext or '(no extension)'!r}; expected a video "
