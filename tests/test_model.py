@@ -446,3 +446,28 @@ def test_word_slots_write_the_cells_words_into_the_prompt(tmp_path):
     assert torch.equal(again.cell_words.heads["attribute"][-1].bias, head.bias)
     with pytest.raises(InputError, match="unknown field 'colour_names'"):
         load_model(tmp_path / "plain", overrides=["colour_names=[red]"])
+
+
+def test_backward_reference_frames_are_tracked_from_the_key_frame_outwards(monkeypatch):
+    """Reference frames come in time order (OVP reads them so); where they precede the key frame, SAM2 tracks
+    them last first, and the tracked outputs come back in time order."""
+    import dataclasses
+
+    model = _model("tiny")
+    model.train()
+    inputs = dataclasses.replace(_inputs(model, PAIRS, video=True), ref_backward=torch.tensor([False, True]))
+    seen = {}
+    track = model.decoder.track
+
+    def spy(features, prompts, ref_frames):  # records what the real decoder tracks through, and its outputs
+        seen["frames"] = ref_frames
+        seen["out"] = track(features, prompts, ref_frames)
+        return seen["out"]
+
+    monkeypatch.setattr(model.decoder, "track", spy)
+    out = model(inputs)
+    assert torch.equal(seen["frames"][0], inputs.ref_frames[0])
+    assert torch.equal(seen["frames"][1], inputs.ref_frames[1].flip(0))
+    in_track_order = torch.stack([r.mask_logits for r in seen["out"][1]], dim=1)
+    assert torch.equal(out.track_mask_logits[0], in_track_order[0])
+    assert torch.equal(out.track_mask_logits[1], in_track_order[1].flip(0))

@@ -14,7 +14,7 @@ from PIL import Image
 from instructseg.data.collate import Collator, resize_masks
 from instructseg.data.formats import read_revos
 from instructseg.data.mixture import BLOCK, PAPER_RATIOS, MixtureDataset, MixtureSampler, ratios_from_tasks
-from instructseg.data.sampling import sample_video_frames, track_frames, uniform_key_frames
+from instructseg.data.sampling import reference_frames, sample_video_frames, track_frames, uniform_key_frames
 from instructseg.data.training import SOURCE_TASKS, ChatDataset, ImageSampleDataset, TrainingSample, \
     VideoExpressionDataset, answer_with_segs, build_source, load_rgb, parse_answer, phrase_instruction
 from instructseg.data.types import ChatSample, ImageSample
@@ -113,7 +113,7 @@ def test_samples_are_deterministic(roots, kind):
     assert differs, "another epoch draws other frames / phrasings"
 
 
-def test_video_ref_frames_are_the_tracking_frames_next_to_the_key(synth_root):
+def test_video_ref_frames_are_the_frames_next_to_the_key_in_time_order(synth_root):
     exprs = read_revos(synth_root / "revos", "train")[:12]
     data = VideoExpressionDataset(exprs, "revos", num_ref_frames=3, jump=1, seed=0)
     directions = set()
@@ -128,11 +128,13 @@ def test_video_ref_frames_are_the_tracking_frames_next_to_the_key(synth_root):
         for key in keys:
             for step in (1, -1):
                 track = [min(max(key + step * (j + 1), 0), len(frames) - 1) for j in range(3)]
-                if all(np.array_equal(r, frames[t]) for r, t in zip(s.ref_frames, track)) and all(
-                        np.array_equal(s.ref_masks[j], masks[:, t]) for j, t in enumerate(track)):
+                in_time = track if step == 1 else track[::-1]  # OVP reads them in time order
+                if all(np.array_equal(r, frames[t]) for r, t in zip(s.ref_frames, in_time)) and all(
+                        np.array_equal(s.ref_masks[j], masks[:, t]) for j, t in enumerate(in_time)):
                     found = True
                     directions.add(step)
-        assert found, "reference frames are the consecutive frames SAM2 memory tracks from the key frame"
+                    assert s.ref_backward == (step == -1)  # SAM2 tracks them from the key frame outwards
+        assert found, "reference frames are the consecutive frames next to the key frame, in time order"
         assert s.ref_masks.shape == (3, *s.masks.shape)
     assert directions == {1, -1}
 
@@ -144,6 +146,8 @@ def test_track_frames_directions_and_edges():
     assert track_frames(3, 1, 4, random.Random(1)) in ([2, 2, 2, 2], [0, 0, 0, 0])  # short video: last frame repeats
     seen = {tuple(track_frames(10, 5, 2, random.Random(seed))) for seed in range(20)}
     assert seen == {(6, 7), (4, 3)}
+    assert reference_frames(10, 9, 3, rng) == ([6, 7, 8], True)
+    assert reference_frames(10, 0, 3, rng) == ([1, 2, 3], False)
 
 
 # --------------------------------------------------------------------------------------- frame sampling

@@ -67,7 +67,7 @@ class Collator:
         if len(ref_counts) > 1:
             raise ValueError(f"Collator: videos in one batch need the same number of reference frames, "
                              f"got {ref_counts}")
-        ref_frames = None
+        ref_frames = ref_backward = None
         if not ref_counts and self.num_ref_frames:
             ref_counts = [self.num_ref_frames]
         if ref_counts:
@@ -79,6 +79,7 @@ class Collator:
                 else:
                     refs.append(torch.stack([resize_frame(f, size) for f in s.ref_frames]))
             ref_frames = torch.stack(refs)
+            ref_backward = torch.tensor([s.ref_backward for s in samples])
         prompts = [self.layout.encode(s.instruction, s.answer, s.history) for s in samples]
         for s, p in zip(samples, prompts):
             segs = int((p.labels == self.seg_id).sum())
@@ -89,7 +90,7 @@ class Collator:
         inputs = ModelInputs(frames=frames, ref_frames=ref_frames, input_ids=batch["input_ids"],
                              attention_mask=batch["attention_mask"], instruction_mask=batch["instruction_mask"],
                              labels=batch["labels"], semantic=label_maps([s.semantic for s in samples], size),
-                             attributes=label_maps([s.attributes for s in samples], size))
+                             attributes=label_maps([s.attributes for s in samples], size), ref_backward=ref_backward)
         masks = [resize_masks(s.masks, size) for s in samples]
         ref_masks = None
         if ref_frames is not None:

@@ -56,6 +56,14 @@ def track_frames(num_frames: int, key: int, count: int, rng: random.Random) -> l
     return [min(max(key + step * (i + 1), 0), num_frames - 1) for i in range(count)]
 
 
+def reference_frames(num_frames: int, key: int, count: int, rng: random.Random) -> tuple[list[int], bool]:
+    """The `track_frames` of `key` in time order (what OVP reads: the LLM sees them in sequence), and whether
+    SAM2 tracks them backwards from the key frame (the last of them first)."""
+    order = track_frames(num_frames, key, count, rng)
+    backward = order[0] < key
+    return (order[::-1] if backward else order), backward
+
+
 def uniform_key_frames(num_frames: int, k: int) -> list[int]:
     """`k` frame indices spread evenly over a video: the centre of each of `k` equal segments, rounded down.
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from instructseg.data.formats import REFCOCO_DATASETS, VIDEO_READERS, read_llava, read_reasonseg, read_refcoco
-from instructseg.data.sampling import sample_video_frames, track_frames
+from instructseg.data.sampling import reference_frames, sample_video_frames
 from instructseg.data.types import ChatSample, ImageSample, VideoExpression
 from instructseg.errors import InputError
 from instructseg.model.tokens import SEG
@@ -34,8 +34,9 @@ class TrainingSample:
     """One training example. Masks are on the key frame, one per [SEG] of `answer`, in the same order.
 
     key_frame:  (H, W, 3) uint8 RGB.
-    ref_frames: R frames (H, W, 3) uint8 next to the key frame, in tracking order (videos), or None (images).
+    ref_frames: R frames (H, W, 3) uint8 next to the key frame, in time order (videos), or None (images).
                 They feed OVP, and SAM2 memory learns to track the key-frame masks through them.
+    ref_backward: whether the reference frames precede the key frame (SAM2 then tracks them last first).
     masks:      (K, H, W) bool, K = answer.count("[SEG]") (0 for chat and no-target expressions).
     ref_masks:  (R, K, H, W) bool, the same objects on the reference frames (videos), or None.
     history:    earlier (user, assistant) turns of a conversation.
@@ -54,6 +55,7 @@ class TrainingSample:
     ref_masks: np.ndarray | None = None
     semantic: np.ndarray | None = None
     attributes: np.ndarray | None = None
+    ref_backward: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -190,7 +192,7 @@ class VideoExpressionDataset(_Dataset):
                     candidates = np.flatnonzero(frames).tolist()
                     break
         key, _ = sample_video_frames(expr.num_frames, 0, self.jump, rng, candidates=candidates)
-        refs = track_frames(expr.num_frames, key, self.num_ref_frames, rng)
+        refs, backward = reference_frames(expr.num_frames, key, self.num_ref_frames, rng)
         source = f"{expr.dataset} {expr.key}"
         loaded: dict[int, np.ndarray] = {}
         for t in [key, *refs]:
@@ -199,7 +201,7 @@ class VideoExpressionDataset(_Dataset):
         return TrainingSample(task=self.task, key_frame=loaded[key], ref_frames=[loaded[t] for t in refs],
                               instruction=phrase_instruction(expr.text, rng, kind="video"),
                               answer=answer_with_segs(expr.answer, masks.shape[0]), masks=masks[:, key].copy(),
-                              ref_masks=masks[:, refs].transpose(1, 0, 2, 3).copy())
+                              ref_masks=masks[:, refs].transpose(1, 0, 2, 3).copy(), ref_backward=backward)
 
 
 class ImageSampleDataset(_Dataset):

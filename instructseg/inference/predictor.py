@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from instructseg.data.sampling import track_frames, uniform_key_frames
+from instructseg.data.sampling import reference_frames, uniform_key_frames
 from instructseg.decoders.base import DecoderOutput, FrameFeatures, Prompts
 from instructseg.errors import InputError
 from instructseg.inference.io import FrameSource, open_source
@@ -172,7 +172,7 @@ class InstructSegPredictor:
         batch.pop("labels")
         refs = None
         if frames.is_video:
-            ref_idx = track_frames(len(frames), t, self.num_ref, _Forward())
+            ref_idx, _ = reference_frames(len(frames), t, self.num_ref, _Forward())
             refs = torch.stack([self._tensor(frames, r) for r in ref_idx])[None]
         return ModelInputs(frames=self._tensor(frames, t)[None], ref_frames=refs, **batch).to(self.device)
 
@@ -241,7 +241,7 @@ class InstructSegPredictor:
                        **extra)
 
 class _Forward:
-    """A stand-in rng for `track_frames` that always picks forwards (inference is deterministic)."""
+    """A stand-in rng for `reference_frames` that always picks forwards (inference is deterministic)."""
 
     def random(self) -> float:
         return 0.0

@@ -192,10 +192,11 @@ class InstructSegModel(nn.Module):
         prompts = self.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
         track = (self.training and inputs.ref_frames is not None) if track is None else track
         tracked_masks = tracked_scores = None
-        if track:
-            decoded, refs = self.decoder.track(features, prompts, inputs.ref_frames)
-            tracked_masks = torch.stack([r.mask_logits for r in refs], dim=1)
-            tracked_scores = torch.stack([r.score_logits for r in refs], dim=1)
+        if track:  # SAM2 tracks in the direction away from the key frame; the outputs are in time order
+            backward = inputs.ref_backward
+            decoded, refs = self.decoder.track(features, prompts, _reverse_rows(inputs.ref_frames, backward))
+            tracked_masks = _reverse_rows(torch.stack([r.mask_logits for r in refs], dim=1), backward)
+            tracked_scores = _reverse_rows(torch.stack([r.score_logits for r in refs], dim=1), backward)
         else:
             decoded = self.decoder.decode(features, prompts)
         vision_classes = decoder_classes = None
@@ -301,3 +302,10 @@ def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, st
 def load_model(name_or_dir: str | Path, **kwargs) -> InstructSegModel:
     """A preset name ("tiny", "smol", "default") or a directory written by `save_pretrained`."""
     return InstructSegModel.from_pretrained(name_or_dir, **kwargs)
+
+
+def _reverse_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """`x` (B, R, ...) with dimension 1 reversed in the rows where `rows` (B,) is True."""
+    if rows is None or not bool(rows.any()):
+        return x
+    return torch.where(rows.to(x.device).view(-1, *[1] * (x.dim() - 1)), x.flip(1), x)

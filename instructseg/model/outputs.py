@@ -13,8 +13,8 @@ class ModelInputs:
     """One batch of B prompts (S = decoder image size, R = reference frames, L = tokens).
 
     frames:           (B, 3, S, S) key frames, floats in [0, 1], for the decoder and the vision encoder.
-    ref_frames:       (B, R, 3, S, S) reference frames for OVP, or None for images (the key frame is its own
-                      reference).
+    ref_frames:       (B, R, 3, S, S) reference frames for OVP in time order, or None for images (the key frame is
+                      its own reference).
     input_ids:        (B, L) long, right-padded.
     attention_mask:   (B, L) long.
     instruction_mask: (B, L) bool, True on the user's instruction tokens.
@@ -23,6 +23,8 @@ class ModelInputs:
                       sample without one), or None.
     attributes:       (B, S, S) long attribute maps of the key frames (the same objects' attributes) for the word
                       slots' heads, or None.
+    ref_backward:     (B,) bool, True where the reference frames precede the key frame: tracking in training then
+                      runs through them last first. None: all follow it.
     """
 
     frames: torch.Tensor
@@ -33,6 +35,7 @@ class ModelInputs:
     labels: torch.Tensor | None = None
     semantic: torch.Tensor | None = None
     attributes: torch.Tensor | None = None
+    ref_backward: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelInputs":
         moved = {}
