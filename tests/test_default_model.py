@@ -16,8 +16,8 @@ from instructseg.model.checkpoint import default_model_dir
 
 pytestmark = pytest.mark.slow
 
-# measured (docs/default_model.md), RefCOCO-format val sentences: mean IoU 0.51 on those naming a colour and a
-# shape, 0.44 on those naming a shape but no colour (0.25 before the encoder stage)
+# measured on the fifth session's model (docs/default_model.md), RefCOCO-format val sentences: mean IoU 0.51 on
+# those naming a colour and a shape, 0.44 on those naming a shape but no colour (0.25 before the encoder stage)
 MIN_MEAN_IOU = 0.3
 MIN_NON_SQUARE_IOU = 0.5
 
@@ -65,7 +65,7 @@ def test_default_grounds_shape_words_without_colour(default, unseen):
 @pytest.mark.parametrize("height, width", [(96, 160), (200, 120)])
 def test_default_grounds_frames_far_from_square(default, tmp_path, height, width):
     """Frames of another aspect ratio (squashed to the model's square input) still ground: mean IoU over 8 fresh
-    scenes. Measured on these scenes: 0.81 (96 x 160), 0.70 (200 x 120); docs/default_model.md, "Non-square frames"."""
+    scenes. Measured on these scenes with the eighth session's model: 0.81 (96 x 160), 0.70 (200 x 120); docs/default_model.md, "Non-square frames"."""
     from instructseg.eval.robustness import cases, segment_iou
 
     scenes = cases(8, start=40_000, height=height, width=width)
