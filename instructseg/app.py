@@ -76,10 +76,12 @@ def build_app(predictor, *, max_upload_mb: float = 200.0, max_frames: int = 300,
     segment_dirs: collections.deque[Path] = collections.deque()
 
     # -- loading media --------------------------------------------------------------------------------------
-    def open_checked(path: Path, label: str):
+    def check_size(path: Path, label: str) -> None:
         if path.stat().st_size > limit_bytes:
             raise InputError(f"{label} is {path.stat().st_size / 2**20:.1f} MB; this demo accepts uploads up to "
                              f"{max_upload_mb:g} MB")
+
+    def open_frames(path: Path, label: str):
         try:  # a long video is refused as soon as its frame count passes the limit, not decoded to its end
             return open_source(path, max_frames=max_frames)
         except FrameLimitError:
@@ -96,15 +98,19 @@ def build_app(predictor, *, max_upload_mb: float = 200.0, max_frames: int = 300,
 
     def start(old: Visit | None, path: Path, label: str, progress, *, own_copy: bool):
         progress(0, desc="reading the media")
+        check_size(path, label)
         media = private_copy(path, root) if own_copy else path
+        source = None
         try:
-            source = open_checked(media, label)
-        except InputError:
+            source = open_frames(media, label)
+            _close_visit(old)  # waits for a question of the old visit still running
+            visit = Visit(root, predictor, source, label, media_dir=media.parent if own_copy else None)
+        except BaseException:  # nothing of a visit that did not start stays open or on disk
+            if source is not None:
+                source.close()
             if own_copy:
                 shutil.rmtree(media.parent, ignore_errors=True)
             raise
-        _close_visit(old)  # waits for a question of the old visit still running
-        visit = Visit(root, predictor, source, label, media_dir=media.parent if own_copy else None)
         kind = f"{len(source)} frames at {source.fps:g} fps" if source.is_video else "image"
         hint = examples.get(path.name, {}).get("instructions", []) if path.parent == examples_dir_resolved else []
         status = f"**{html.escape(label)}**: {kind}, {source.width}×{source.height}. Ask about it below."
@@ -143,38 +149,43 @@ def build_app(predictor, *, max_upload_mb: float = 200.0, max_frames: int = 300,
                 _legend(result), _zip(visit), view,
                 gr.update(choices=[(f"object {i}", i) for i in ids], value=ids[0] if ids else None), status)
 
-    def run_model(visit: Visit, progress, call):
+    def run_model(progress, call):
+        """`call(report)` alone on the model; the caller holds its visit's lock (taken before the model's)."""
         def report(done, total):
             progress((done, total), desc="segmenting", unit="frames")
 
         progress(0, desc="thinking")
-        with visit.lock, model_lock:
+        with model_lock:
             return call(report)
 
     @_user_errors
     def ask(visit, message, frame, progress=gr.Progress()):
         visit = _require(visit)
         _check_message(message)
-        out = visit.next_dir()
-        result = run_model(visit, progress, lambda report: visit.session.ask(message, out_dir=out, progress=report))
-        visit.finish_turn(out)
-        visit.clicks = {}
-        visit.messages += [{"role": "user", "content": message.strip()},
-                           {"role": "assistant", "content": _answer_text(result)}]
-        return ("", *results_view(visit, None, int(frame or 0), _timing(visit, result)))
+        with visit.lock:  # the turn's bookkeeping too: a point added before it would be wiped from the clicks
+            out = visit.next_dir()
+            result = run_model(progress,
+                               lambda report: visit.session.ask(message, out_dir=out, progress=report))
+            visit.finish_turn(out)
+            visit.clicks = {}
+            visit.messages += [{"role": "user", "content": message.strip()},
+                               {"role": "assistant", "content": _answer_text(result)}]
+            return ("", *results_view(visit, None, int(frame or 0), _timing(visit, result)))
 
     @_user_errors
     def propagate(visit, selected, frame, progress=gr.Progress()):
         visit = _require(visit)
-        if not visit.clicks:
-            raise InputError("click on a frame to add points first (pick the object and positive/negative)")
-        out = visit.next_dir()
-        result = run_model(visit, progress, lambda report: visit.session.propagate(out_dir=out, progress=report))
-        visit.finish_turn(out)
-        count = sum(len(v) for v in visit.clicks.values())
-        visit.messages.append({"role": "assistant", "content": f"Refined with {count} point(s): "
-                                                              + _answer_text(result)})
-        return results_view(visit, selected, int(frame or 0), _timing(visit, result))
+        with visit.lock:  # the points it applies are the points it counts
+            if not visit.clicks:
+                raise InputError("click on a frame to add points first (pick the object and positive/negative)")
+            out = visit.next_dir()
+            result = run_model(progress,
+                               lambda report: visit.session.propagate(out_dir=out, progress=report))
+            visit.finish_turn(out)
+            count = sum(len(v) for v in visit.clicks.values())
+            visit.messages.append({"role": "assistant", "content": f"Refined with {count} point(s): "
+                                                                  + _answer_text(result)})
+            return results_view(visit, selected, int(frame or 0), _timing(visit, result))
 
     @_user_errors
     def add_point(visit, frame, obj, polarity, x, y, selected):
@@ -220,7 +231,8 @@ def build_app(predictor, *, max_upload_mb: float = 200.0, max_frames: int = 300,
     def segment(media, instruction, progress=gr.Progress()):
         _check_message(instruction)
         path = uploaded(media)
-        source = open_checked(path, path.name)
+        check_size(path, path.name)
+        source = open_frames(path, path.name)
         out = Path(tempfile.mkdtemp(prefix="segment-", dir=root))
         segment_dirs.append(out)
         while len(segment_dirs) > 16:  # older results were copied to gradio's cache long ago

@@ -24,6 +24,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     """`eval revos --predictions PRED` scores existing predictions; every other form runs a model first."""
+    _quiet_libraries()
     if args.benchmark == "revos" and args.predictions is not None:
         from instructseg.eval.revos import score_revos
 
@@ -32,7 +33,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if given:
             raise InputError(f"eval revos --predictions scores existing masks: {', '.join(given)} only apply when a "
                              "model runs (drop --predictions to run one)")
-        _quiet_libraries()
 
         results = score_revos(Path(args.data_root), args.split or "valid", Path(args.predictions), Path(args.output),
                               workers=args.workers, legacy_visa=args.legacy_visa)
@@ -41,7 +41,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if args.model is None:
         raise InputError(f"eval {args.benchmark}: --model M is required (or, for revos, --predictions PRED)")
-    _quiet_libraries()
     from instructseg.eval.runner import run_benchmark
 
     return run_benchmark(args)

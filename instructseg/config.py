@@ -166,6 +166,16 @@ class ModelConfig:
         return build_dataclass(ModelConfig, data, "overrides")
 
 
+def differing_keys(before: dict, now: dict) -> list[str]:
+    """The keys whose values differ between two flat settings dicts (a key missing on one side differs), sorted."""
+    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+
+
+def describe_differences(keys: list[str], before: dict, now: dict) -> str:
+    """"key: <before> there, <now> now; ..." for error messages that refuse to mix two runs."""
+    return "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in keys)
+
+
 def parse_override_value(item: str, value: str) -> Any:
     """The value of a `key=value` override, read as YAML (`4`, `1.0e-3`, `[a, b]`, `null`, `text`)."""
     try:

@@ -191,14 +191,14 @@ def test_resume_refuses_another_model_or_optimizer(tmp_path, synth_root):
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.json").write_text(json.dumps(recipe_to_dict(recipe)))
-    assert resume_changes(load_recipe(path, ["model.llm.lora_r=2"])) == []  # no checkpoint yet: a fresh run
+    assert resume_changes(load_recipe(path, ["model.llm.lora_r=2"])) == (None, [])  # no checkpoint: a fresh run
     (run / "checkpoints" / ckpt.tag_for(3)).mkdir(parents=True)
     ckpt.mark_complete(run / "checkpoints", 3, {"world_size": 1})
-    assert resume_changes(recipe) == []
-    assert resume_changes(load_recipe(path, ["train.steps=9", "train.save_every=1"])) == [
-        "train.save_every", "train.steps"]
+    assert resume_changes(recipe) == (3, [])
+    assert resume_changes(load_recipe(path, ["train.steps=9", "train.save_every=1"])) == (3, [
+        "train.save_every", "train.steps"])
     for item, message in (("model.llm.lora_r=2", "other model_overrides"), ("train.lr=0.5", "train.lr: 0.001 there, "
-                                                                                        "0.5 here"),
+                                                                                        "0.5 now"),
                           ("train.freeze=[vision]", "other train.freeze")):
         with pytest.raises(InputError, match=message):
             resume_changes(load_recipe(path, [item]))

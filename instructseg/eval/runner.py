@@ -105,11 +105,9 @@ def _model_id(model: str) -> str:
 def _weights_fingerprint(model: str) -> str | None:
     """A hash of a saved model's weight files (the shipped `default` included), so that a model trained again
     into the same folder is not taken for the one an unfinished run began with; None for presets."""
-    from instructseg.model.checkpoint import default_model_dir
+    from instructseg.model.checkpoint import model_path
 
-    path = Path(model)
-    if str(model) == "default" and not path.exists():
-        path = default_model_dir()
+    path = model_path(model)
     if not path.is_dir():
         return None
     digest = hashlib.sha256()
@@ -181,11 +179,11 @@ def run_item(predictor, evaluator: Evaluator, item: Item, *, mode: str, key_fram
         except Exception as err:  # noqa: BLE001 - any failure of one item is recorded, never fatal to the run
             errors.append(_one_line(err))
             # bad data (an InputError: unreadable frames or ground truth) fails the same way every time
-            again = "retrying" if attempt < ATTEMPTS and not isinstance(err, InputError) else "recorded as failed"
+            retry = attempt < ATTEMPTS and not isinstance(err, InputError)
             warn(f"instructseg: warning: {evaluator.name} {item.key}: attempt {attempt} failed ({errors[-1]}); "
-                 f"{again}")
+                 f"{'retrying' if retry else 'recorded as failed'}")
             _free_accelerator_memory()
-            if again != "retrying":
+            if not retry:
                 break
     return {"key": item.key, "status": "failed", "error": errors[-1], "errors": errors, "attempts": len(errors),
             "metrics": evaluator.failed(item, errors[-1]), "seconds": round(time.perf_counter() - start, 3)}

@@ -25,6 +25,7 @@ from PIL import Image
 from instructseg.atomic import write_bytes as atomic_write_bytes
 from instructseg.atomic import write_json
 from instructseg.atomic import write_text as atomic_write_text
+from instructseg.config import describe_differences, differing_keys
 from instructseg.errors import InputError
 
 __all__ = ["atomic_write_text", "atomic_write_bytes", "write_json", "RecordStore", "record_name",
@@ -144,9 +145,7 @@ def check_run_config(output: Path, config: dict) -> None:
         if stored == config:
             return
         if isinstance(stored, dict):
-            diff = [f"{k}: {stored.get(k)!r} there, {config.get(k)!r} now" for k in sorted(set(stored) | set(config))
-                    if stored.get(k) != config.get(k)]
-            detail = "; ".join(diff)
+            detail = describe_differences(differing_keys(stored, config), stored, config)
         else:
             detail = "run.json is unreadable"
         raise InputError(f"--output {output}: holds a run with another configuration ({detail}); "

@@ -87,6 +87,13 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "weights" / "default"
 
 
+def model_path(name_or_dir: str | Path) -> Path:
+    """Where a model name points: `default` is the shipped model's folder (unless a folder of that name is here);
+    anything else is taken as a path (a preset name gives one that does not exist)."""
+    path = Path(name_or_dir)
+    return default_model_dir() if str(name_or_dir) == "default" and not path.exists() else path
+
+
 def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", seed: int = 0,
                overrides: list[str] = ()):
     """A preset (random parts, real weights where the preset names them) or a saved model directory, its config
@@ -94,9 +101,8 @@ def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", s
     changes a trained part's shape is refused, naming the key)."""
     from instructseg.model.instructseg import InstructSegModel
 
-    path = Path(name_or_dir)
-    if str(name_or_dir) == "default" and not path.exists():
-        path = default_model_dir()
+    path = model_path(name_or_dir)
+    if path != Path(name_or_dir):  # the shipped `default`
         if not (path / "config.json").is_file():
             raise InputError("the default model is not shipped in this version yet: pass --model tiny (random) "
                              "or a trained model directory")

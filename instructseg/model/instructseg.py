@@ -193,7 +193,8 @@ class InstructSegModel(nn.Module):
         track = (self.training and inputs.ref_frames is not None) if track is None else track
         tracked_masks = tracked_scores = None
         if track:  # SAM2 tracks in the direction away from the key frame; the outputs are in time order
-            backward = inputs.ref_backward
+            backward = inputs.ref_backward if inputs.ref_backward is not None and bool(inputs.ref_backward.any()) \
+                else None  # (one host sync per forward, and none for clips that all run forwards)
             decoded, refs = self.decoder.track(features, prompts, _reverse_rows(inputs.ref_frames, backward))
             tracked_masks = _reverse_rows(torch.stack([r.mask_logits for r in refs], dim=1), backward)
             tracked_scores = _reverse_rows(torch.stack([r.score_logits for r in refs], dim=1), backward)
@@ -305,7 +306,5 @@ def load_model(name_or_dir: str | Path, **kwargs) -> InstructSegModel:
 
 
 def _reverse_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """`x` (B, R, ...) with dimension 1 reversed in the rows where `rows` (B,) is True."""
-    if rows is None or not bool(rows.any()):
-        return x
-    return torch.where(rows.to(x.device).view(-1, *[1] * (x.dim() - 1)), x.flip(1), x)
+    """`x` (B, R, ...) with dimension 1 reversed in the rows where `rows` (B,) is True (none when None)."""
+    return x if rows is None else torch.where(rows.view(-1, *[1] * (x.dim() - 1)), x.flip(1), x)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from instructseg.config import describe_differences, differing_keys
 from instructseg.errors import InputError
 from instructseg.train import checkpoints as ckpt
 from instructseg.train.recipe import Recipe, recipe_to_dict
@@ -97,28 +98,28 @@ def _deepspeed_config(recipe: Recipe, world: int, cuda: bool) -> dict:
 FIXED_ON_RESUME = ("model", "model_overrides", "train.lr", "train.weight_decay", "train.freeze", "train.deepspeed")
 
 
-def resume_changes(recipe: Recipe) -> list[str]:
-    """The recipe keys (top level, "train.*") that differ from the run already in `output_dir` when it will be
-    resumed ([] for a fresh run); InputError when output_dir is a file or one of FIXED_ON_RESUME differs.
-    Other changes are allowed: more steps, another data mix (how the shipped model's stages continue)."""
+def resume_changes(recipe: Recipe) -> tuple[int | None, list[str]]:
+    """(the step the run in `output_dir` resumes from, or None for a fresh run; the recipe keys, top level and
+    "train.*", that differ from that run's). InputError when output_dir is a file or one of FIXED_ON_RESUME
+    differs. Other changes are allowed: more steps, another data mix (how the shipped model's stages continue)."""
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"output_dir={out}: exists and is not a directory")
-    saved = out / "recipe.json"
-    if ckpt.latest_complete(out / "checkpoints") is None or not saved.is_file():
-        return []
+    step, saved = ckpt.latest_complete(out / "checkpoints"), out / "recipe.json"
+    if step is None or not saved.is_file():
+        return step, []
     try:
         before = _flat(json.loads(saved.read_text()))
     except ValueError as err:
         raise InputError(f"{saved}: not valid JSON ({err}); move the run away or choose another output_dir") from None
     now = _flat(recipe_to_dict(recipe))
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k != "recipe_dir")
+    changed = [k for k in differing_keys(before, now) if k != "recipe_dir"]
     fixed = [k for k in changed if k in FIXED_ON_RESUME]
     if fixed:
         raise InputError(f"output_dir={out} holds a run with other {', '.join(fixed)} ("
-                         + "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} here" for k in fixed)
-                         + "): a resumed run keeps its model and optimizer; use the same values or another output_dir")
-    return changed
+                         f"{describe_differences(fixed, before, now)}): a resumed run keeps its model and optimizer; "
+                         "use the same values or another output_dir")
+    return step, changed
 
 
 def _flat(recipe: dict) -> dict:
@@ -140,7 +141,7 @@ class Trainer:
         self.recipe = recipe
         self.out = Path(recipe.output_dir)
         self.root = self.out / "checkpoints"
-        self.changed = resume_changes(recipe)  # before anything slow: a run it cannot resume stops here
+        self.resume_step, self.changed = resume_changes(recipe)  # before anything slow: a bad resume stops here
         self.rank, self.world, self.device = init_distributed()
         _ensure_synth(recipe, self.rank)
         model = build_model(recipe)
@@ -266,10 +267,11 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.changed:  # the recipe the earlier steps ran with stays on record
-                step = ckpt.latest_complete(self.root)
-                (self.out / "recipe.json").rename(self.out / f"recipe.until_step{step}.json")
-                print(f"resuming at step {step} with changed {', '.join(self.changed)}; the earlier recipe is kept "
-                      f"as {self.out / f'recipe.until_step{step}.json'}", flush=True)
+                kept = self.out / f"recipe.until_step{self.resume_step}.json"
+                if not kept.exists():  # (a resume that died before its first save already kept it)
+                    (self.out / "recipe.json").rename(kept)
+                print(f"resuming at step {self.resume_step} with changed {', '.join(self.changed)}; the earlier "
+                      f"recipe is kept as {kept}", flush=True)
             (self.out / "recipe.json").write_text(json.dumps(recipe_to_dict(self.recipe), indent=2))
             ckpt.prune(self.root, self.recipe.train.keep_checkpoints)  # drop saves a kill left half-written
         self.resume()
