@@ -129,20 +129,21 @@ def generate(out: Path, spec: SynthSpec) -> dict[str, int]:
     _check_out(out)
     # a new folder appears whole: written beside it under a temporary name, renamed at the end, so that an
     # interrupted run leaves no half-written dataset that a re-run would take for a complete one
-    final, out = out, (out.with_name(f".{out.name}.partial") if not out.exists() else out)
-    if out != final and out.exists():
-        shutil.rmtree(out)
+    partial = None if out.exists() else out.with_name(f".{out.name}.partial")
+    if partial is not None and partial.exists():
+        shutil.rmtree(partial)
+    target = partial or out
     videos = [build_video(spec, i) for i in range(spec.videos)]
     images = [build_image(spec, i) for i in range(spec.images)]
     video_jpegs = {v.vid: [jpeg_bytes(frame) for frame in v.rendered.frames] for v in videos}
     image_jpegs = {r.name: jpeg_bytes(r.rendered.frames[0]) for r in images}
     coco_jpegs = {r.name: jpeg_bytes(r.rendered_coco.frames[0]) for r in images}
     counts = {"videos": len(videos), "images": len(images)}
-    counts["expressions"] = write_revos(out / "revos", videos, video_jpegs)
-    counts["refytvos_expressions"] = write_refytvos(out / "refytvos", videos, video_jpegs)
-    counts["refcoco_sentences"] = write_refcoco(out / "refcoco", images, coco_jpegs)
-    counts["reasonseg_samples"] = write_reasonseg(out / "reasonseg", images, image_jpegs)
-    counts["conversations"] = write_chat(out / "chat", [r for r in images if r.split == "train"], image_jpegs)
-    if out != final:
-        out.rename(final)
+    counts["expressions"] = write_revos(target / "revos", videos, video_jpegs)
+    counts["refytvos_expressions"] = write_refytvos(target / "refytvos", videos, video_jpegs)
+    counts["refcoco_sentences"] = write_refcoco(target / "refcoco", images, coco_jpegs)
+    counts["reasonseg_samples"] = write_reasonseg(target / "reasonseg", images, image_jpegs)
+    counts["conversations"] = write_chat(target / "chat", [r for r in images if r.split == "train"], image_jpegs)
+    if partial is not None:
+        partial.rename(out)
     return counts
