@@ -90,6 +90,9 @@ class DecoderConfig:
     sam2_hidden_dim: int = 32  # "tiny" only: SAM2 prompt/feature width (multiple of 16)
     checkpoint: str | None = None  # official SAM2 .pt, loaded with weights_only=True
     dense_prompt: bool = True  # add a dense prompt from the text-visual similarity map (sam2)
+    # sam2: tracked frames take the decoder's single-mask output (the one the mask loss trains) rather than the
+    # multi-mask output SAM2's IoU head picks; False keeps SAM2's own choice (models trained that way)
+    single_mask_tracking: bool = False
     num_queries: int = 4  # mask queries the LLM produces (mask2former; 0 disables them for sam2)
     hidden_dim: int = 32  # mask2former width
     decoder_layers: int = 3  # mask2former masked-attention layers

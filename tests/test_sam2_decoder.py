@@ -106,3 +106,24 @@ def test_cached_key_frame_features_are_used_instead_of_reading_the_frame():
     assert sorted(calls) == [0, 2, 3, 4] and cached == {}
     for t in range(5):
         torch.testing.assert_close(reused[t].mask_logits, plain[t].mask_logits)
+
+
+def test_single_mask_tracking_takes_the_trained_output_on_tracked_frames(monkeypatch):
+    """SAM2's own choice on tracked frames is the best of its multi-mask outputs by its IoU head; with
+    `single_mask_tracking` every tracked frame takes the single-mask output, the one the mask loss trains."""
+    torch.manual_seed(0)
+    frames = torch.rand(4, 3, 64, 64)
+    for single in (False, True):
+        dec = SAM2Decoder.from_config(DecoderConfig(single_mask_tracking=single)).eval()
+        asked = []
+        heads = dec.sam._forward_sam_heads
+
+        def spy(*args, multimask_output=False, **kwargs):
+            asked.append(multimask_output)
+            return heads(*args, multimask_output=multimask_output, **kwargs)
+
+        monkeypatch.setattr(dec.sam, "_forward_sam_heads", spy)
+        with torch.no_grad():
+            list(dec.propagate(lambda t: frames[t:t + 1], 4, {0: _prompts(1)}))
+        assert len(asked) >= 3  # the key frame (text prompt: always one mask) and the tracked frames
+        assert any(asked[1:]) is not single, asked

@@ -20,6 +20,7 @@ from instructseg.data.training import SOURCE_TASKS, ChatDataset, ImageSampleData
 from instructseg.data.types import ChatSample, ImageSample
 from instructseg.errors import InputError
 from instructseg.model.tokens import SEG, PromptLayout
+from instructseg.train.samples import SampleStream
 
 H, W, NUM_REF, JUMP = 64, 80, 3, 2  # the conftest fixture's frame size; the sources' sampling settings
 
@@ -318,6 +319,49 @@ def test_dataloader_over_the_mixture(roots, layout):
         inputs, masks, _ = next(batches)
         assert inputs.frames.shape == (4, 3, 32, 32) and len(masks) == 4
         assert inputs.ref_frames is None or inputs.ref_frames.shape == (4, NUM_REF, 3, 32, 32)
+
+
+def test_sample_stream_workers_build_the_loops_batches_and_resume_exactly(roots, layout):
+    """Batches built ahead in worker processes are the ones the loop builds itself, in order; the state a
+    checkpoint takes is that of the batches consumed, not of those drawn ahead, so a resume goes on exactly."""
+    sources = {kind: _build(roots, kind) for kind in ("revos", "refcoco", "reasonseg", "chat")}
+    ratios = {"revos": 3, "refcoco": 4, "reasonseg": 1, "chat": 2}
+    collate = Collator(layout, image_size=32, pad_id=0, num_ref_frames=NUM_REF)
+
+    def stream(workers: int) -> SampleStream:
+        sampler = MixtureSampler({n: len(s) for n, s in sources.items()}, ratios, seed=3)
+        return SampleStream(sources, sampler, 3, collate, workers=workers)
+
+    def same(a, b) -> bool:
+        return (torch.equal(a[0].input_ids, b[0].input_ids) and torch.equal(a[0].frames, b[0].frames)
+                and all(torch.equal(x, y) for x, y in zip(a[1], b[1])))
+
+    plain, ahead = stream(0), stream(2)
+    try:
+        for i in range(4):
+            assert same(plain.next_batch(), ahead.next_batch())
+            assert ahead.state_dict() == plain.state_dict() == {"position": 3 * (i + 1)}
+        resumed = stream(2)
+        resumed.load_state_dict(ahead.state_dict())
+        assert same(resumed.next_batch(), plain.next_batch())
+        resumed.close()
+    finally:
+        plain.close()
+        ahead.close()
+
+
+def test_sample_stream_worker_errors_reach_the_loop(roots, layout, tmp_path):
+    root = tmp_path / "refcoco"
+    shutil.copytree(roots["refcoco"][0], root)
+    source = build_source("refcoco", root, "train", num_ref_frames=NUM_REF, jump=JUMP, seed=0)
+    shutil.rmtree(root / "images")  # the files vanish after the source was read
+    stream = SampleStream({"refcoco": source}, MixtureSampler({"refcoco": len(source)}, {"refcoco": 1}, seed=0), 2,
+                          Collator(layout, image_size=32, pad_id=0), workers=1)
+    try:
+        with pytest.raises(Exception, match="images"):
+            stream.next_batch()
+    finally:
+        stream.close()
 
 
 def test_collate_refuses_inconsistent_batches(roots, layout):

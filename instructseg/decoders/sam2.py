@@ -38,6 +38,8 @@ class SAM2Decoder(MaskDecoder):
     def from_config(cls, cfg: DecoderConfig) -> "SAM2Decoder":
         sam = build_text_prompt_sam2(config=cfg.sam2_config, image_size=cfg.image_size,
                                      hidden_dim=cfg.sam2_hidden_dim, checkpoint=cfg.checkpoint)
+        if cfg.single_mask_tracking:
+            sam.multimask_output_for_tracking = False
         return cls(sam=sam, dense_prompt=cfg.dense_prompt)
 
     # -- features ---------------------------------------------------------------------------------------------

@@ -60,9 +60,10 @@ class TrainSettings:
     seed: int = 0
     num_ref_frames: int | None = None  # default: the model's perceiver.num_ref_frames
     jump: int = 4  # reference frames come from [key - jump, key + jump]
+    workers: int = 0  # processes that build samples a few batches ahead of the loop (0: in the loop)
     merge_lora: bool = False  # export with LoRA merged into the LLM
     # CPU only: bf16 autocast for the forward (weights, gradients and optimizer stay fp32). About 2x faster on CPUs
-    # with AVX512-BF16 or AMX; on GPU, DeepSpeed's bf16 mode is always used.
+    # with AVX512-BF16 or AMX; on GPU, bf16 autocast is always used.
     cpu_bf16: bool = False
     # module prefixes of parameters that do not train (e.g. decoder.sam.image_encoder.trunk after the encoder stage)
     freeze: list[str] = field(default_factory=list)
@@ -130,6 +131,8 @@ def _recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
     for name in ("steps", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
         if getattr(recipe.train, name) < 1:
             raise InputError(f"{source}: train.{name} must be at least 1, got {getattr(recipe.train, name)}")
+    if recipe.train.workers < 0:
+        raise InputError(f"{source}: train.workers must be 0 or more, got {recipe.train.workers}")
     if recipe.train.lr <= 0 or recipe.train.warmup_steps < 0:
         raise InputError(f"{source}: train.lr must be > 0 and train.warmup_steps >= 0, got {recipe.train.lr} and "
                          f"{recipe.train.warmup_steps}")

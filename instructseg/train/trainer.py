@@ -1,7 +1,7 @@
-"""The training loop on a DeepSpeed engine: one process or many (torchrun / deepspeed launcher), CPU (gloo, fp32)
-or GPU (nccl, bf16). Checkpoints every N steps; re-running the same command resumes from the newest complete one
-with the same step counter, optimizer, scheduler and sampler state. The end exports `output_dir/final` with
-`save_pretrained`, which `InstructSegModel.from_pretrained` (and the predictor) load.
+"""The training loop on a DeepSpeed engine: one process or many (torchrun / deepspeed launcher), CPU (gloo; fp32 or
+bf16 autocast) or GPU (nccl; bf16 autocast, fp32 weights). Checkpoints every N steps; re-running the same command
+resumes from the newest complete one with the same step counter, optimizer, scheduler and sampler state. The end
+exports `output_dir/final` with `save_pretrained`, which `InstructSegModel.from_pretrained` (and the predictor) load.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from instructseg.config import describe_differences, differing_keys
 from instructseg.errors import InputError
 from instructseg.train import checkpoints as ckpt
 from instructseg.train.recipe import Recipe, recipe_to_dict
+from instructseg.train.samples import SampleStream
 
 
 def _free_port() -> int:
@@ -90,7 +91,9 @@ def _deepspeed_config(recipe: Recipe, world: int, cuda: bool) -> dict:
     config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
     config["gradient_accumulation_steps"] = recipe.train.grad_accum
     config["train_batch_size"] = recipe.train.batch_size * recipe.train.grad_accum * world
-    config["bf16"] = {"enabled": cuda}
+    # mixed precision is torch's autocast in the step (fp32 weights, bf16 matmuls), as on the CPU: DeepSpeed's bf16
+    # mode casts the module but not the buffers and inputs our modules combine with it
+    config["bf16"] = {"enabled": False}
     return config
 
 
@@ -151,9 +154,9 @@ class Trainer:
         _freeze(model, recipe.train.freeze)
         self.model = model
         self.cuda = self.device.type == "cuda"
-        self.datasets, self.sampler = self._data(model)
-        self.collate = Collator(model.layout, model.decoder.image_size, model.tokenizer.pad_token_id,
-                                num_ref_frames=self.recipe.train.num_ref_frames or model.config.perceiver.num_ref_frames)
+        collate = Collator(model.layout, model.decoder.image_size, model.tokenizer.pad_token_id,
+                           num_ref_frames=self.recipe.train.num_ref_frames or model.config.perceiver.num_ref_frames)
+        self.samples = self._data(model, collate)
         self.loss = SegmentationLoss(recipe.train.loss, matching=model.config.decoder.kind == "mask2former")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
@@ -194,7 +197,7 @@ class Trainer:
                   flush=True)
         dist.barrier()
 
-    def _data(self, model):
+    def _data(self, model, collate):
         from instructseg.data.mixture import MixtureSampler
         from instructseg.data.training import build_source
 
@@ -207,7 +210,7 @@ class Trainer:
             ratios[name] = source.ratio
         sampler = MixtureSampler({n: len(d) for n, d in datasets.items()}, ratios, seed=self.recipe.train.seed,
                                  rank=self.rank, world_size=self.world)
-        return datasets, sampler
+        return SampleStream(datasets, sampler, self.recipe.train.batch_size, collate, workers=self.recipe.train.workers)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -219,7 +222,7 @@ class Trainer:
             raise InputError(f"{self.root / ckpt.tag_for(step)}: written by {saved} process(es), this run has "
                              f"{self.world}; resume with the same number or choose another output_dir")
         _, client = self.engine.load_checkpoint(str(self.root), tag=ckpt.tag_for(step), load_module_strict=False)
-        self.sampler.load_state_dict(client["sampler"])
+        self.samples.load_state_dict(client["sampler"])
         self.step = client["step"]
         if self.rank == 0:
             print(f"resuming from {self.root / ckpt.tag_for(step)} at step {self.step}", flush=True)
@@ -227,7 +230,7 @@ class Trainer:
     def save(self) -> None:
         import torch.distributed as dist
 
-        client = {"step": self.step, "sampler": self.sampler.state_dict()}
+        client = {"step": self.step, "sampler": self.samples.state_dict()}
         self.engine.save_checkpoint(str(self.root), tag=ckpt.tag_for(self.step), client_state=client,
                                     save_latest=False, exclude_frozen_parameters=True)
         dist.barrier()
@@ -238,20 +241,16 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def micro_batch(self):
-        samples = []
-        for _ in range(self.recipe.train.batch_size):
-            name, index, epoch = next(self.sampler)
-            samples.append(self.datasets[name].sample(index, epoch))
-        inputs, masks, ref_masks = self.collate(samples)
-        dtype = torch.bfloat16 if self.cuda else None
+        inputs, masks, ref_masks = self.samples.next_batch()
         ref_masks = [m.to(self.device) for m in ref_masks] if ref_masks is not None else None
-        return inputs.to(self.device, dtype), [m.to(self.device) for m in masks], ref_masks
+        return inputs.to(self.device), [m.to(self.device) for m in masks], ref_masks
 
     def train_step(self) -> dict[str, float]:
         parts: dict[str, float] = {}
+        bf16 = self.cuda or self.recipe.train.cpu_bf16
         for _ in range(self.recipe.train.grad_accum):
             inputs, masks, ref_masks = self.micro_batch()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe.train.cpu_bf16 and not self.cuda):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = self.engine(inputs)
                 loss = self.loss(out, inputs.labels, masks, ref_masks, inputs.semantic, inputs.attributes)
             self.engine.backward(loss.total)
@@ -292,6 +291,7 @@ class Trainer:
             if self.step % self.recipe.train.save_every == 0 or self.step == total:
                 self.save()
         bar.close()
+        self.samples.close()
         if writer is not None:
             writer.close()
         return self.export()
