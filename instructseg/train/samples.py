@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -40,7 +41,8 @@ class SampleStream:
         if workers:
             # fork, as torch's DataLoader does: the children only read files and build CPU tensors
             _BUILD.update(sources=sources, collate=collate)
-            self.pool = multiprocessing.get_context("fork").Pool(workers, _start_worker)
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=_start_worker)
 
     def _draws(self) -> list:
         return [tuple(next(self.sampler)) for _ in range(self.batch_size)]
@@ -51,9 +53,9 @@ class SampleStream:
             self.state = self.sampler.state_dict()
             return batch
         while len(self.pending) < self.ahead:
-            self.pending.append((self.pool.apply_async(_build, (self._draws(),)), self.sampler.state_dict()))
-        result, state = self.pending.popleft()
-        batch = result.get()  # a worker's exception is raised here, as the loop's own would be
+            self.pending.append((self.pool.submit(_build, self._draws()), self.sampler.state_dict()))
+        future, state = self.pending.popleft()
+        batch = future.result()  # a worker's exception is raised here, as the loop's own would be
         self.state = state
         return batch
 
@@ -67,7 +69,7 @@ class SampleStream:
         self.state = self.sampler.state_dict()
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+        if self.pool is not None:  # batches not started are dropped; those being built are waited for
+            self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+            self.pending.clear()
