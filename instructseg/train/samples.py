@@ -14,13 +14,13 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-# what a worker builds batches from: set before the pool forks, so the children inherit it (the sources hold
-# closures, which cannot be pickled to a spawned process)
+# what a worker process builds batches from (set in each worker by _start_worker)
 _BUILD: dict = {}
 
 
-def _start_worker() -> None:
+def _start_worker(sources: dict, collate) -> None:
     torch.set_num_threads(1)
+    _BUILD.update(sources=sources, collate=collate)
 
 
 def _build(draws: list) -> tuple:
@@ -39,15 +39,15 @@ class SampleStream:
         self.pending: deque = deque()
         self.pool = None
         if workers:
-            # fork, as torch's DataLoader does: the children only read files and build CPU tensors
-            _BUILD.update(sources=sources, collate=collate)
+            # fork, as torch's DataLoader does: the children only read files and build CPU tensors, and they get
+            # the sources without pickling (they hold closures)
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=_start_worker)
+                                            initializer=_start_worker, initargs=(sources, collate))
 
     def _draws(self) -> list:
         return [tuple(next(self.sampler)) for _ in range(self.batch_size)]
 
-    def next_batch(self) -> list:
+    def next_batch(self) -> tuple:
         if self.pool is None:
             batch = self.collate([self.sources[n].sample(i, e) for n, i, e in self._draws()])
             self.state = self.sampler.state_dict()

@@ -85,7 +85,7 @@ def _schedule(warmup: int, total: int):
     return factor
 
 
-def _deepspeed_config(recipe: Recipe, world: int, cuda: bool) -> dict:
+def _deepspeed_config(recipe: Recipe, world: int) -> dict:
     path = recipe.deepspeed_config_path()
     config = json.loads(path.read_text())
     config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
@@ -162,7 +162,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe.train.warmup_steps,
                                                                            recipe.train.steps))
-        ds_config = _deepspeed_config(recipe, self.world, self.cuda)
+        ds_config = _deepspeed_config(recipe, self.world)
         if ds_config.get("zero_optimization", {}).get("stage") == 3:
             # ZeRO-3 gathers a module's parameters around its calls (and, through hooks on the tensors it
             # returns, for the backward): parameters read outside any module call must be declared
