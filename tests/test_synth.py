@@ -12,7 +12,7 @@ from scipy.ndimage import binary_erosion
 
 from instructseg.data.formats.common import rle_decode
 from instructseg.data.synthetic import COLOURS, SHAPES, SIZES, SynthSpec, build_video, generate, split_counts
-from instructseg.data.synthetic_text import Description, ObjectFacts, matches, unique_descriptions
+from instructseg.data.synthetic_text import Description, ObjectFacts, chat_turns, matches, unique_descriptions
 from instructseg.errors import InputError
 
 # The spec of the conftest `synth_root` fixture.
@@ -180,6 +180,19 @@ def test_chat_conversations(synth_root):
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
         assert turns[0]["value"].startswith("<image>\nHow many shapes")
         assert all("<image>" not in t["value"] for t in turns[1:])
+
+
+def test_image_chat_asks_for_an_absent_object():
+    """Still images get no-target requests too (in chat: the RefCOCO format has no place for them), named by a
+    colour + shape the image does not hold."""
+    facts = [ObjectFacts(0, "circle", "red", "small", numbers={"x": 20, "y": 20}),
+             ObjectFacts(1, "star", "blue", "large", numbers={"x": 90, "y": 70})]
+    turns = chat_turns(facts, 128, 128, np.random.default_rng(0), extra=100)
+    absent = [(q, a) for q, a in turns if q.startswith("Segment the ")]
+    assert len(absent) == 1
+    colour, shape = absent[0][0][len("Segment the "):-1].split()
+    assert (colour, shape) not in {(f.colour, f.shape) for f in facts}
+    assert colour in COLOURS and shape in SHAPES and absent[0][1] == f"There is no {colour} {shape} here."
 
 
 def test_ambiguous_objects_block_an_expression():

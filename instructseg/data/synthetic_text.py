@@ -388,8 +388,13 @@ def _region(x: float, y: float, width: int, height: int) -> str:
 
 def chat_turns(facts: list[ObjectFacts], width: int, height: int, rng: np.random.Generator,
                extra: int = 3) -> list[tuple[str, str]]:
-    """(question, answer) pairs about one image: counting, colours, shapes and positions."""
+    """(question, answer) pairs about one image: counting, colours, shapes and positions, and a request for a
+    colour + shape the image does not hold (still images have no other no-target data: without it, "There is no
+    ..." is learnt from videos alone, as a property of the input kind rather than of the picture)."""
     pool: list[tuple[str, str]] = []
+    absent = no_target_query(facts, rng)
+    if absent is not None:
+        pool.append((f"Segment {absent.text}.", absent.answer))
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
     pool.append((f"How many {colour} shapes are there?",
                  _count_answer(sum(f.colour == colour for f in facts), f"{colour} shape")))
