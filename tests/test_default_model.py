@@ -65,7 +65,8 @@ def test_default_grounds_shape_words_without_colour(default, unseen):
 @pytest.mark.parametrize("height, width", [(96, 160), (200, 120)])
 def test_default_grounds_frames_far_from_square(default, tmp_path, height, width):
     """Frames of another aspect ratio (squashed to the model's square input) still ground: mean IoU over 8 fresh
-    scenes. Measured on these scenes with the eighth session's model: 0.81 (96 x 160), 0.70 (200 x 120); docs/default_model.md, "Non-square frames"."""
+    scenes. Measured on these scenes with the eighth session's model: 0.81 (96 x 160), 0.70 (200 x 120);
+    docs/default_model.md, "Non-square frames"."""
     from instructseg.eval.robustness import cases, segment_iou
 
     scenes = cases(8, start=40_000, height=height, width=width)

@@ -37,15 +37,11 @@ class ModelInputs:
     attributes: torch.Tensor | None = None
     ref_backward: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelInputs":
+    def to(self, device: torch.device | str) -> "ModelInputs":
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if torch.is_tensor(value):
-                value = value.to(device)
-                if dtype is not None and value.is_floating_point():
-                    value = value.to(dtype)
-            moved[f.name] = value
+            moved[f.name] = value.to(device) if torch.is_tensor(value) else value
         return ModelInputs(**moved)
 
 
