@@ -16,7 +16,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from instructseg.data.synthetic import SynthSpec, generate
 
     spec = SynthSpec(seed=args.seed, videos=args.videos, images=args.images, frames=args.frames,
-                     height=args.size[0], width=args.size[1])
+                     height=args.size[0], width=args.size[1], textures=args.textures)
     counts = generate(Path(args.out), spec)
     print(f"wrote ShapesIVS to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=24, help="number of images (split 3:1 into train/valid)")
     p.add_argument("--frames", type=int, default=8, help="frames per video")
     p.add_argument("--size", type=_size, nargs=2, default=(128, 128), metavar=("H", "W"))
+    p.add_argument("--textures", type=float, default=0.0, metavar="FRACTION",
+                   help="share of scenes drawn on a photo-like texture instead of a plain, noise, gradient or striped "
+                        "background (default 0)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("eval", help="benchmark a model (sharded, resumable) or score ReVOS predictions")

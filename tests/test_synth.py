@@ -11,7 +11,8 @@ from PIL import Image
 from scipy.ndimage import binary_erosion
 
 from instructseg.data.formats.common import rle_decode
-from instructseg.data.synthetic import COLOURS, SHAPES, SIZES, SynthSpec, build_video, generate, split_counts
+from instructseg.data.synthetic import COLOURS, SHAPES, SIZES, SynthSpec, build_image, build_video, generate, \
+    split_counts
 from instructseg.data.synthetic_text import Description, ObjectFacts, chat_turns, matches, unique_descriptions
 from instructseg.errors import InputError
 
@@ -224,12 +225,33 @@ def test_bad_spec_and_reused_output(tmp_path):
         generate(tmp_path / "y", SynthSpec(**TINY))
 
 
+def test_textures_change_only_the_background(tmp_path):
+    """`textures` puts that share of scenes on a photo-like texture; shapes, masks and words stay those of the seed."""
+    plain, textured = SynthSpec(seed=5, **TINY), SynthSpec(seed=5, textures=1.0, **TINY)
+    for index in range(TINY["videos"]):
+        a, b = build_video(plain, index), build_video(textured, index)
+        assert [q.text for q in a.queries] == [q.text for q in b.queries]
+        assert np.array_equal(a.rendered.visible, b.rendered.visible)
+        # a texture is no flat, noisy, striped or two-colour ramp: many distinct colours at a coarse scale
+        coarse = b.scene.background[::4, ::4].reshape(-1, 3) // 8
+        assert len(np.unique(coarse, axis=0)) > 3 * len(np.unique(a.scene.background[::4, ::4].reshape(-1, 3) // 8,
+                                                                   axis=0))
+        inside = b.rendered.frames[0][b.rendered.visible[:, 0].any(axis=0)]
+        assert not np.array_equal(a.rendered.frames[0], b.rendered.frames[0]) and len(inside)
+    half = SynthSpec(seed=5, textures=0.5, **dict(TINY, images=40))
+    changed = sum(not np.array_equal(build_image(plain, i).scene.background, build_image(half, i).scene.background)
+                  for i in range(40))
+    assert 8 <= changed <= 32
+    with pytest.raises(InputError, match="textures"):
+        generate(tmp_path / "bad", SynthSpec(textures=1.5, **TINY))
+
+
 def test_cli_synth(tmp_path, capsys):
     from instructseg.cli import main
 
     out = tmp_path / "cli"
     assert main(["synth", "--out", str(out), "--videos", "2", "--images", "2", "--frames", "4",
-                 "--size", "48", "64"]) == 0
+                 "--size", "48", "64", "--textures", "0.5"]) == 0
     assert "videos 2" in capsys.readouterr().out
     frame = Image.open(out / "revos" / "JPEGImages" / "v0000" / "00003.jpg")
     assert frame.size == (64, 48)

@@ -90,11 +90,9 @@ def bench_train(steps: int, *, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="instructseg-bench-train-") as tmp:
         work = Path(tmp)
         if recipe.synth is not None:  # the recipe's relative data paths resolve against `work`
-            from instructseg.data.synthetic import SynthSpec, generate
+            from instructseg.data.synthetic import generate
 
-            s = recipe.synth
-            generate(work / s.out, SynthSpec(seed=s.seed, videos=s.videos, images=s.images, frames=s.frames,
-                                             height=s.size[0], width=s.size[1]))
+            generate(work / recipe.synth.out, recipe.synth.spec())
         for name, processes in SETUPS:
             seen, total = _step_times(processes, 1 + steps, work, name)
             per_step = max(seen[-1] - seen[0], 1e-9) / steps  # the first (warm-up) step is not timed

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from instructseg.data import synthetic_text as text
-from instructseg.data.synthetic_scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, render, sample_image_scene, \
-    sample_video_scene
+from instructseg.data.synthetic_scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, render, \
+    sample_image_scene, sample_video_scene, texture
 from instructseg.data.synthetic_write import ImageRecord, VideoRecord, jpeg_bytes, write_chat, write_refcoco, \
     write_reasonseg, write_refytvos, write_revos
 from instructseg.errors import InputError
@@ -26,7 +26,8 @@ from instructseg.errors import InputError
 __all__ = ["SynthSpec", "generate", "split_counts", "SHAPES", "COLOURS", "SIZES", "BACKGROUNDS"]
 
 _DATASETS = ("revos", "refytvos", "refcoco", "reasonseg", "chat")
-_STREAM_VIDEO, _STREAM_IMAGE = 1, 2  # separate random streams, so videos never shift the images' randomness
+# separate random streams, so videos never shift the images' randomness, and textures change nothing but the background
+_STREAM_VIDEO, _STREAM_IMAGE, _STREAM_TEXTURE = 1, 2, 3
 _MAX_TRIES = 10
 
 
@@ -40,6 +41,7 @@ class SynthSpec:
     frames: int = 8
     height: int = 128
     width: int = 128
+    textures: float = 0.0  # fraction of scenes drawn on a photo-like texture instead of a BACKGROUNDS kind
 
     def validate(self) -> None:
         if self.videos < 0 or self.images < 0:
@@ -48,6 +50,8 @@ class SynthSpec:
             raise InputError(f"synth: frames must be >= 2, got {self.frames}")
         if min(self.height, self.width) < 16:
             raise InputError(f"synth: size must be at least 16x16, got {self.height}x{self.width}")
+        if not 0.0 <= self.textures <= 1.0:
+            raise InputError(f"synth: textures must be a fraction in [0, 1], got {self.textures}")
 
 
 def split_counts(total: int) -> tuple[int, int]:
@@ -65,13 +69,23 @@ def _rng(spec: SynthSpec, stream: int, index: int) -> np.random.Generator:
     return np.random.default_rng([spec.seed, stream, index])
 
 
+def _retexture(spec: SynthSpec, stream: int, index: int, scene: Scene) -> Scene:
+    """The scene on a photo-like texture for a `spec.textures` share of scenes (its own random stream, so the
+    shapes, motions and words are those of the same seed without textures)."""
+    rng = np.random.default_rng([spec.seed, _STREAM_TEXTURE, stream, index])
+    if spec.textures > 0 and rng.random() < spec.textures:
+        scene.background = texture(rng, scene.height, scene.width, vary=True)
+    return scene
+
+
 def build_video(spec: SynthSpec, index: int) -> VideoRecord:
     """Sample, render and describe video `index`. The first two videos always contain a shape that enters
     (video 0) or leaves (video 1) the frame, so every dataset has absent-object frames."""
     rng = _rng(spec, _STREAM_VIDEO, index)
     force = {0: "enter", 1: "leave"}.get(index)
     for _ in range(_MAX_TRIES):  # resample the rare scene where some shape is never visible
-        scene = sample_video_scene(rng, spec.height, spec.width, spec.frames, force_event=force)
+        scene = _retexture(spec, _STREAM_VIDEO, index,
+                           sample_video_scene(rng, spec.height, spec.width, spec.frames, force_event=force))
         rendered = render(scene)
         if rendered.visible.any(axis=(1, 2, 3)).all():
             break
@@ -87,7 +101,7 @@ def build_image(spec: SynthSpec, index: int) -> ImageRecord:
     """Sample, render and describe image `index`: up to three referring sentences per object (RefCOCO), one
     reasoning query (ReasonSeg) and a short chat."""
     rng = _rng(spec, _STREAM_IMAGE, index)
-    scene = sample_image_scene(rng, spec.height, spec.width)
+    scene = _retexture(spec, _STREAM_IMAGE, index, sample_image_scene(rng, spec.height, spec.width))
     rendered = render(scene)
     facts = text.image_facts(scene)
     refs = []

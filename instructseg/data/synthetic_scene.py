@@ -152,6 +152,24 @@ def sample_background(rng: np.random.Generator, height: int, width: int, kind: s
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
+def texture(rng: np.random.Generator, height: int, width: int, *, vary: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8 photo-like background: smooth multi-scale coloured noise (blotches and fine grain), muted
+    mid-tones. `vary` draws the scales and strengths per call (training data); without it they are fixed (the
+    robustness check's texture, a member of the same family)."""
+    scales, weights = ((3, 9, 27), (40.0, 20.0, 10.0))
+    if vary:
+        scales = (int(rng.integers(2, 6)), int(rng.integers(6, 14)), int(rng.integers(16, 40)))
+        weights = tuple(w * float(rng.uniform(0.5, 1.4)) for w in weights)
+    image = np.zeros((height, width, 3))
+    for cells, weight in zip(scales, weights):
+        coarse = rng.normal(0, 1, size=(cells, cells, 3))
+        layer = np.stack([np.asarray(Image.fromarray(coarse[..., c].astype(np.float32)).resize(
+            (width, height), Image.BICUBIC)) for c in range(3)], axis=-1)
+        image += weight * layer
+    image += rng.normal(0, 4, size=(height, width, 1))
+    return np.clip(125 + image, 40, 210).astype(np.uint8)
+
+
 # ----------------------------------------------------------------------------------------------- appearance
 
 def _sample_appearance(rng: np.random.Generator, count: int) -> list[tuple[str, str, str]]:

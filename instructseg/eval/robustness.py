@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from instructseg.data.synthetic_scene import BACKGROUNDS, Scene, render, sample_background, sample_image_scene
+from instructseg.data.synthetic_scene import BACKGROUNDS, Scene, render, sample_background, sample_image_scene, texture
 
 PHRASINGS = ("segment the {}", "Please segment the {}.", "where is the {}?", "the {}")
 SIZES = ((128, 128), (96, 160), (200, 120), (256, 256))
@@ -26,18 +26,6 @@ class Case:
     image: np.ndarray  # (H, W, 3) uint8
     target: np.ndarray  # (H, W) bool
     name: str  # "<colour> <shape>"
-
-
-def texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A photo-like background: smooth multi-scale coloured noise (blotches and fine grain), muted mid-tones."""
-    image = np.zeros((height, width, 3))
-    for cells, weight in ((3, 40.0), (9, 20.0), (27, 10.0)):
-        coarse = rng.normal(0, 1, size=(cells, cells, 3))
-        layer = np.stack([np.asarray(Image.fromarray(coarse[..., c].astype(np.float32)).resize(
-            (width, height), Image.BICUBIC)) for c in range(3)], axis=-1)
-        image += weight * layer
-    image += rng.normal(0, 4, size=(height, width, 1))
-    return np.clip(125 + image, 40, 210).astype(np.uint8)
 
 
 def image_case(seed: int, height: int = 128, width: int = 128, background: str | None = None) -> Case | None:

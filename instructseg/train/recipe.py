@@ -43,6 +43,14 @@ class SynthData:
     images: int = 24
     frames: int = 8
     size: list[int] = field(default_factory=lambda: [64, 64])
+    textures: float = 0.0  # share of scenes on a photo-like texture background
+
+    def spec(self):
+        """The `SynthSpec` these settings describe."""
+        from instructseg.data.synthetic import SynthSpec
+
+        return SynthSpec(seed=self.seed, videos=self.videos, images=self.images, frames=self.frames,
+                         height=self.size[0], width=self.size[1], textures=self.textures)
 
 
 @dataclass

@@ -56,12 +56,11 @@ def build_model(recipe: Recipe):
 def _ensure_synth(recipe: Recipe, rank: int) -> None:
     import torch.distributed as dist
 
-    from instructseg.data.synthetic import SynthSpec, generate
+    from instructseg.data.synthetic import generate
 
     for s in (recipe.synth, recipe.encoders.synth):
         if s is not None and rank == 0 and not Path(s.out).exists():
-            generate(Path(s.out), SynthSpec(seed=s.seed, videos=s.videos, images=s.images, frames=s.frames,
-                                            height=s.size[0], width=s.size[1]))
+            generate(Path(s.out), s.spec())
     dist.barrier()
 
 
