@@ -93,6 +93,30 @@ def test_revos_writes_the_official_layout_and_the_foundations_scores(revos_run, 
     assert _json(revos_run / "run.json")["mode"] == "propagate"
 
 
+def test_revos_scores_the_answers_against_the_reference_answers(revos_run, synth_root):
+    """answers.json: per group, the share of text answers naming the reference's objects, computed here from the
+    stored records on their own."""
+    from instructseg.eval.answers import named_objects, says_absent
+
+    expressions = {(e.video, e.exp_id): e for e in read_revos(synth_root / "revos", "valid")}
+    right = {0: [], 1: []}
+    absent = []
+    for path in (revos_run / "records").iterdir():
+        record = _json(path)
+        expr = expressions[tuple(record["key"].split("/"))]
+        if expr.type_id == 2:
+            absent.append(says_absent(record["answer"]))
+        elif named_objects(expr.answer):
+            right[expr.type_id].append(named_objects(record["answer"]) == named_objects(expr.answer))
+    answers = _json(revos_run / "answers.json")
+    assert set(answers) == {"referring", "reason", "no_target"}
+    for type_id, group in ((0, "referring"), (1, "reason")):
+        assert answers[group]["num"] == len(right[type_id]) > 0
+        assert answers[group]["objects"] == pytest.approx(100.0 * np.mean(right[type_id]))
+    assert answers["no_target"]["num"] == len(absent) > 0
+    assert answers["no_target"]["said_absent"] == pytest.approx(100.0 * np.mean(absent))
+
+
 def test_rerunning_a_finished_run_only_merges(revos_run, seg_model_dir, synth_root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     shutil.copytree(revos_run, out)
@@ -107,6 +131,7 @@ def test_rerunning_a_finished_run_only_merges(revos_run, seg_model_dir, synth_ro
     table = printed.out.splitlines()
     header = next(line for line in table if line.split() == ["J", "F", "JF", "A", "R"])
     assert header and any(line.startswith("overall") for line in table) and "wrote" in table[-1]
+    assert any(line.startswith("answers naming the reference's objects, reason:") for line in table)
     assert _json(out / "results.json") == _json(revos_run / "results.json")
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from instructseg.data.types import ImageSample, VideoExpression
 from instructseg.eval.metrics import boundary_f, jaccard
-from instructseg.eval.storage import atomic_write_text, remove_prediction, write_mask_folder, write_zip
+from instructseg.eval.storage import atomic_write_text, remove_prediction, write_json, write_mask_folder, write_zip
 
 __all__ = ["Item", "Evaluator", "VideoEvaluator", "RevosEvaluator", "JFEvaluator", "RefYtvosEvaluator",
            "MevisEvaluator", "Davis17Evaluator", "instruction_for", "write_csv", "pct", "DECIMALS"]
@@ -118,6 +118,10 @@ class Evaluator:
         """(column names, [(row name, values)]) for the table printed at the end."""
         raise NotImplementedError
 
+    def footer(self) -> list[str]:
+        """Lines printed under the table (after `write_reports`)."""
+        return []
+
     def _process(self, item: Item, result) -> dict:
         raise NotImplementedError
 
@@ -188,6 +192,7 @@ class RevosEvaluator(VideoEvaluator):
     but, as in the scorer, not scored."""
 
     name = "revos"
+    _ANSWER_GROUPS = {0: "referring", 1: "reason"}
 
     def __init__(self, data_root: Path, split: str, output: Path, *, legacy_visa: bool = False):
         from instructseg.data.formats.revos import read_revos
@@ -197,6 +202,29 @@ class RevosEvaluator(VideoEvaluator):
         self.title = f"ReVOS {split}"
         self.legacy_visa = legacy_visa
         self._job = _Job(self.samples, self.pred_dir, legacy_visa)  # the scorer's foreground fallback included
+        self.answers: dict[int, str] = {}  # item index -> the model's text answer
+
+    def reset(self) -> None:
+        super().reset()
+        self.answers = {}
+
+    def add(self, item: Item, record: dict) -> None:
+        super().add(item, record)
+        self.answers[item.index] = str(record.get("answer") or "")
+
+    def answer_scores(self) -> dict | None:
+        """answers.json's content (`instructseg.eval.answers`): per group, how often the text answer names the
+        reference answer's objects, and for no-target expressions how often it says they are absent; None when
+        the expressions carry no reference answers."""
+        from instructseg.eval.answers import score_absent, score_answers
+
+        rows = [(item.sample, self.answers.get(item.index, "")) for item, _, _ in self.rows]
+        if not any(s.answer for s, _ in rows):
+            return None
+        out = {group: score_answers([(s.answer, a) for s, a in rows if s.answer and s.type_id == t])
+               for t, group in self._ANSWER_GROUPS.items()}
+        out["no_target"] = score_absent([a for s, a in rows if s.type_id == 2])
+        return out
 
     def _score(self, item: Item, pred: np.ndarray) -> dict:
         from instructseg.eval.revos import GROUPS
@@ -235,12 +263,28 @@ class RevosEvaluator(VideoEvaluator):
         scores = self._scores()
         csv_path = self.output / "per_expression.csv"
         atomic_write_text(csv_path, _per_expression_csv(scores, self.legacy_visa))
-        return [csv_path] + self._chart([(s.video, 100.0 * s.JF) for s in scores], results["overall"]["JF"],
-                                        self.title)
+        written = [csv_path] + self._chart([(s.video, 100.0 * s.JF) for s in scores], results["overall"]["JF"],
+                                           self.title)
+        answers = self.answer_scores()
+        if answers is not None:
+            written.append(self.output / "answers.json")
+            write_json(written[-1], answers)
+        return written
 
     def summary(self, results: dict):
         keys = ["J", "F", "JF", "A", "R"]
         return keys, [(g, [results[g][k] for k in keys]) for g in ("referring", "reason", "overall")]
+
+    def footer(self) -> list[str]:
+        answers = self.answer_scores()
+        if answers is None:
+            return []
+        pct_text = lambda v: "-" if v is None else f"{v:.1f} %"  # noqa: E731
+        lines = [f"answers naming the reference's objects, {group}: {pct_text(a['objects'])} of {a['num']} "
+                 f"(colours {pct_text(a['colours'])}, shapes {pct_text(a['shapes'])})"
+                 for group, a in answers.items() if group != "no_target"]
+        absent = answers["no_target"]
+        return lines + [f"no-target answers saying it is absent: {pct_text(absent['said_absent'])} of {absent['num']}"]
 
 
 class JFEvaluator(VideoEvaluator):

@@ -343,6 +343,8 @@ def _print_summary(evaluator: Evaluator, results: dict, total: int, seconds: flo
     print(" " * width + "".join(f"{c:>9s}" for c in columns))
     for name, values in rows:
         print(f"{name:<{width}s}" + "".join(_cell(v) for v in values))
+    for line in evaluator.footer():
+        print(line)
     if results.get("note"):
         print(f"note: {results['note']}")
     if failed:
