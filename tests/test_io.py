@@ -73,6 +73,38 @@ def test_video_round_trip(tmp_path, ext):
             np.testing.assert_array_equal(src.resized(i, 24), squash(seq[i], 24))
 
 
+def _rotated_video(path: Path, frames: list[np.ndarray], degrees: int) -> Path:
+    """An mp4 of `frames` as stored, with a display matrix saying to turn them `degrees` counter-clockwise (a phone
+    held upright writes -90)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.set_display_rotation(degrees)
+        for a in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+@pytest.mark.parametrize("degrees, turns", [(-90, -1), (90, 1), (180, 2), (0, 0)])
+def test_rotated_phone_video_is_read_as_displayed(tmp_path, degrees, turns):
+    frames = moving_square(n=4)
+    with open_source(_rotated_video(tmp_path / "phone.mp4", frames, degrees)) as src:
+        shown = [np.rot90(f, turns) for f in frames]
+        assert (src.height, src.width) == shown[0].shape[:2] and len(src) == 4
+        seq = [f for _, f in src.iter_frames()]
+        for ref, got in zip(shown, seq):
+            assert got.shape == ref.shape and mad(ref, got) < 6
+        np.testing.assert_array_equal(src.frame(2), seq[2])
+        np.testing.assert_array_equal(src.resized(3, 24), squash(seq[3], 24))
+    if degrees == -90:  # what a player shows: the stored frame turned clockwise, so the red ramp (dark on the
+        red = seq[0][..., 0].astype(float)  # stored frame's left, bright on its right) runs from top to bottom
+        assert red[:4, :10].mean() < 30 and red[-4:, :10].mean() > 220  # (columns clear of the square)
+
+
 def test_write_video_pads_odd_sizes_and_keeps_fps(tmp_path):
     path = write_video(tmp_path / "odd.mp4", moving_square(n=5, h=47, w=63), fps=25)
     with open_source(path) as src:

@@ -13,6 +13,9 @@ Behaviour decisions (relied on by the predictor and the tests):
 - Random access on a video decodes forwards from the current position and reopens the file for a backwards jump;
   `resized()` is O(1) per call in any order via a raw-bytes disk cache built by one sequential decode.
 - Frames of a directory with mixed sizes are resized to the first frame's size (one warning at open).
+- A video whose container says to display it rotated (phones store portrait video as landscape frames plus a
+  display matrix) gives its frames as players show them: turned by the first frame's rotation, in quarter turns, as
+  FFmpeg's autorotate does; height and width are those of the turned frames.
 - Images of any Pillow mode become RGB: alpha is dropped, 16-bit is shifted right by 8, other integer modes are
   shifted by their actual bit range, float images are scaled from [0, 1] (or their min..max); EXIF orientation applies.
 - Sources are not thread-safe; close them (or use `with`) to remove the cache; a finalizer does it otherwise.
@@ -234,10 +237,11 @@ class VideoFileSource(FrameSource):
             rate = stream.average_rate or stream.guessed_rate
             self.fps = float(rate) if rate and float(rate) > 0 else DEFAULT_FPS
             declared = stream.frames
-            count, size = 0, None
+            count, size, self._turns = 0, None, 0
             for frame in self._decode(container):
                 if size is None:
                     size = (frame.height, frame.width)
+                    self._turns = round(frame.rotation / 90) % 4  # counter-clockwise quarter turns to display
                 count += 1
                 if max_frames is not None and count > max_frames:
                     raise FrameLimitError(f"{self.path}: more than {max_frames} frames")
@@ -248,7 +252,8 @@ class VideoFileSource(FrameSource):
         if declared > count:
             warnings.warn(f"{self.path}: only {count} of the {declared} frames the header declares could be "
                           f"decoded (truncated or corrupt file); using {count}", stacklevel=3)
-        self.height, self.width = size
+        self._stored = size  # (height, width) as decoded, before the display rotation
+        self.height, self.width = size if self._turns % 2 == 0 else size[::-1]
         digits = max(5, len(str(count - 1)))
         self.names = [f"{i:0{digits}d}" for i in range(count)]
         self._pos = 0  # index of the next frame the open decoder yields
@@ -281,9 +286,12 @@ class VideoFileSource(FrameSource):
             return  # demuxing failed (damaged container): keep what decoded so far
 
     def _rgb(self, frame) -> np.ndarray:
-        if (frame.height, frame.width) != (self.height, self.width):
-            return frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
-        return frame.to_ndarray(format="rgb24")
+        height, width = self._stored
+        if (frame.height, frame.width) != (height, width):
+            rgb = frame.to_ndarray(format="rgb24", width=width, height=height)
+        else:
+            rgb = frame.to_ndarray(format="rgb24")
+        return np.ascontiguousarray(np.rot90(rgb, self._turns)) if self._turns else rgb
 
     def _ended(self, got: int) -> InputError:
         return InputError(f"{self.path}: video ended after {got} frames, {len(self)} were counted at open")
