@@ -94,25 +94,23 @@ def test_revos_writes_the_official_layout_and_the_foundations_scores(revos_run, 
 
 
 def test_revos_scores_the_answers_against_the_reference_answers(revos_run, synth_root):
-    """answers.json: per group, the share of text answers naming the reference's objects, computed here from the
-    stored records on their own."""
+    """answers.json: the share of reasoning answers naming the reference's objects and of no-target answers saying
+    they are absent, computed here from the stored records on their own."""
     from instructseg.eval.answers import named_objects, says_absent
 
     expressions = {(e.video, e.exp_id): e for e in read_revos(synth_root / "revos", "valid")}
-    right = {0: [], 1: []}
-    absent = []
+    right, absent = [], []
     for path in (revos_run / "records").iterdir():
         record = _json(path)
         expr = expressions[tuple(record["key"].split("/"))]
         if expr.type_id == 2:
             absent.append(says_absent(record["answer"]))
-        elif named_objects(expr.answer):
-            right[expr.type_id].append(named_objects(record["answer"]) == named_objects(expr.answer))
+        elif expr.type_id == 1 and named_objects(expr.answer):
+            right.append(named_objects(record["answer"]) == named_objects(expr.answer))
     answers = _json(revos_run / "answers.json")
-    assert set(answers) == {"referring", "reason", "no_target"}
-    for type_id, group in ((0, "referring"), (1, "reason")):
-        assert answers[group]["num"] == len(right[type_id]) > 0
-        assert answers[group]["objects"] == pytest.approx(100.0 * np.mean(right[type_id]))
+    assert set(answers) == {"reason", "no_target"}
+    assert answers["reason"]["num"] == len(right) > 0
+    assert answers["reason"]["objects"] == pytest.approx(100.0 * np.mean(right))
     assert answers["no_target"]["num"] == len(absent) > 0
     assert answers["no_target"]["said_absent"] == pytest.approx(100.0 * np.mean(absent))
 
@@ -131,7 +129,7 @@ def test_rerunning_a_finished_run_only_merges(revos_run, seg_model_dir, synth_ro
     table = printed.out.splitlines()
     header = next(line for line in table if line.split() == ["J", "F", "JF", "A", "R"])
     assert header and any(line.startswith("overall") for line in table) and "wrote" in table[-1]
-    assert any(line.startswith("answers naming the reference's objects, reason:") for line in table)
+    assert any(line.startswith("reasoning answers naming the reference's objects:") for line in table)
     assert _json(out / "results.json") == _json(revos_run / "results.json")
 
 

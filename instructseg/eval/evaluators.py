@@ -192,7 +192,8 @@ class RevosEvaluator(VideoEvaluator):
     but, as in the scorer, not scored."""
 
     name = "revos"
-    _ANSWER_GROUPS = {0: "referring", 1: "reason"}
+    # reasoning answers name their objects; referring expressions are sent as "Please segment ..." ("Sure.")
+    _ANSWER_GROUPS = {1: "reason"}
 
     def __init__(self, data_root: Path, split: str, output: Path, *, legacy_visa: bool = False):
         from instructseg.data.formats.revos import read_revos
@@ -213,9 +214,9 @@ class RevosEvaluator(VideoEvaluator):
         self.answers[item.index] = str(record.get("answer") or "")
 
     def answer_scores(self) -> dict | None:
-        """answers.json's content (`instructseg.eval.answers`): per group, how often the text answer names the
-        reference answer's objects, and for no-target expressions how often it says they are absent; None when
-        the expressions carry no reference answers."""
+        """answers.json's content (`instructseg.eval.answers`): how often the answer to a reasoning expression
+        names the reference answer's objects, and for no-target expressions how often it says they are absent;
+        None when the expressions carry no reference answers."""
         from instructseg.eval.answers import score_absent, score_answers
 
         rows = [(item.sample, self.answers.get(item.index, "")) for item, _, _ in self.rows]
@@ -280,11 +281,10 @@ class RevosEvaluator(VideoEvaluator):
         if answers is None:
             return []
         pct_text = lambda v: "-" if v is None else f"{v:.1f} %"  # noqa: E731
-        lines = [f"answers naming the reference's objects, {group}: {pct_text(a['objects'])} of {a['num']} "
-                 f"(colours {pct_text(a['colours'])}, shapes {pct_text(a['shapes'])})"
-                 for group, a in answers.items() if group != "no_target"]
-        absent = answers["no_target"]
-        return lines + [f"no-target answers saying it is absent: {pct_text(absent['said_absent'])} of {absent['num']}"]
+        reason, absent = answers["reason"], answers["no_target"]
+        return [f"reasoning answers naming the reference's objects: {pct_text(reason['objects'])} of {reason['num']} "
+                f"(colours {pct_text(reason['colours'])}, shapes {pct_text(reason['shapes'])})",
+                f"no-target answers saying it is absent: {pct_text(absent['said_absent'])} of {absent['num']}"]
 
 
 class JFEvaluator(VideoEvaluator):
