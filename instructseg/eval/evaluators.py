@@ -119,7 +119,7 @@ class Evaluator:
         raise NotImplementedError
 
     def footer(self) -> list[str]:
-        """Lines printed under the table (after `write_reports`)."""
+        """Lines printed under the table (after `evaluate`)."""
         return []
 
     def _process(self, item: Item, result) -> dict:
@@ -192,8 +192,6 @@ class RevosEvaluator(VideoEvaluator):
     but, as in the scorer, not scored."""
 
     name = "revos"
-    # reasoning answers name their objects; referring expressions are sent as "Please segment ..." ("Sure.")
-    _ANSWER_GROUPS = {1: "reason"}
 
     def __init__(self, data_root: Path, split: str, output: Path, *, legacy_visa: bool = False):
         from instructseg.data.formats.revos import read_revos
@@ -204,6 +202,7 @@ class RevosEvaluator(VideoEvaluator):
         self.legacy_visa = legacy_visa
         self._job = _Job(self.samples, self.pred_dir, legacy_visa)  # the scorer's foreground fallback included
         self.answers: dict[int, str] = {}  # item index -> the model's text answer
+        self.answer_results: dict | None = None  # answers.json's content, set by `evaluate`
 
     def reset(self) -> None:
         super().reset()
@@ -213,19 +212,18 @@ class RevosEvaluator(VideoEvaluator):
         super().add(item, record)
         self.answers[item.index] = str(record.get("answer") or "")
 
-    def answer_scores(self) -> dict | None:
+    def _answer_scores(self) -> dict | None:
         """answers.json's content (`instructseg.eval.answers`): how often the answer to a reasoning expression
-        names the reference answer's objects, and for no-target expressions how often it says they are absent;
-        None when the expressions carry no reference answers."""
+        names the reference answer's objects (referring expressions are sent as "Please segment ...", answered
+        "Sure."), and for no-target expressions how often it says they are absent; None when the expressions carry
+        no reference answers."""
         from instructseg.eval.answers import score_absent, score_answers
 
         rows = [(item.sample, self.answers.get(item.index, "")) for item, _, _ in self.rows]
         if not any(s.answer for s, _ in rows):
             return None
-        out = {group: score_answers([(s.answer, a) for s, a in rows if s.answer and s.type_id == t])
-               for t, group in self._ANSWER_GROUPS.items()}
-        out["no_target"] = score_absent([a for s, a in rows if s.type_id == 2])
-        return out
+        return {"reason": score_answers([(s.answer, a) for s, a in rows if s.answer and s.type_id == 1]),
+                "no_target": score_absent([a for s, a in rows if s.type_id == 2])}
 
     def _score(self, item: Item, pred: np.ndarray) -> dict:
         from instructseg.eval.revos import GROUPS
@@ -256,6 +254,7 @@ class RevosEvaluator(VideoEvaluator):
     def evaluate(self) -> dict:
         from instructseg.eval.revos import summarise
 
+        self.answer_results = self._answer_scores()
         return summarise(self._scores(), legacy_visa=self.legacy_visa)
 
     def write_reports(self, results: dict) -> list[Path]:
@@ -266,10 +265,9 @@ class RevosEvaluator(VideoEvaluator):
         atomic_write_text(csv_path, _per_expression_csv(scores, self.legacy_visa))
         written = [csv_path] + self._chart([(s.video, 100.0 * s.JF) for s in scores], results["overall"]["JF"],
                                            self.title)
-        answers = self.answer_scores()
-        if answers is not None:
+        if self.answer_results is not None:
             written.append(self.output / "answers.json")
-            write_json(written[-1], answers)
+            write_json(written[-1], self.answer_results)
         return written
 
     def summary(self, results: dict):
@@ -277,11 +275,10 @@ class RevosEvaluator(VideoEvaluator):
         return keys, [(g, [results[g][k] for k in keys]) for g in ("referring", "reason", "overall")]
 
     def footer(self) -> list[str]:
-        answers = self.answer_scores()
-        if answers is None:
+        if self.answer_results is None:
             return []
         pct_text = lambda v: "-" if v is None else f"{v:.1f} %"  # noqa: E731
-        reason, absent = answers["reason"], answers["no_target"]
+        reason, absent = self.answer_results["reason"], self.answer_results["no_target"]
         return [f"reasoning answers naming the reference's objects: {pct_text(reason['objects'])} of {reason['num']} "
                 f"(colours {pct_text(reason['colours'])}, shapes {pct_text(reason['shapes'])})",
                 f"no-target answers saying it is absent: {pct_text(absent['said_absent'])} of {absent['num']}"]
