@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from instructseg.config import ModelConfig, preset
+from instructseg.decoders.base import Prompts
 from instructseg.errors import InputError
 from instructseg.model.checkpoint import load_model
 from instructseg.model.info import parameter_table
@@ -471,3 +472,38 @@ def test_backward_reference_frames_are_tracked_from_the_key_frame_outwards(monke
     in_track_order = torch.stack([r.mask_logits for r in seen["out"][1]], dim=1)
     assert torch.equal(out.track_mask_logits[0], in_track_order[0])
     assert torch.equal(out.track_mask_logits[1], in_track_order[1].flip(0))
+
+
+def test_position_prior_starts_as_a_no_op_and_moves_the_grounding_where_it_points(tmp_path):
+    """decoder.position_prior adds a per-object map of logits to the grounding map: a model saved without it loads
+    with it (override) and gives exactly the same outputs until the prior is trained; a prior that favours the
+    bottom rows raises the grounding and the mask logits there and nowhere else; it saves and loads exactly."""
+    torch.manual_seed(0)
+    plain = InstructSegModel(preset("tiny")).eval()
+    plain.save_pretrained(tmp_path / "plain")
+    model = load_model(tmp_path / "plain", overrides=["decoder.position_prior=4"]).eval()
+    inputs = _inputs(model, PAIRS, video=False)
+    with torch.no_grad():
+        before, after = plain(inputs), model(inputs)
+    torch.testing.assert_close(after.mask_logits, before.mask_logits)
+    torch.testing.assert_close(after.object_align_logits, before.object_align_logits)
+    prior = model.decoder.position_prior
+    with torch.no_grad():
+        prior.net[2].bias.copy_(torch.tensor([0.0] * 12 + [1.0] * 4))  # 4 x 4 grid: the bottom row
+        moved = model(inputs)
+    rise = (moved.object_align_logits - before.object_align_logits)[before.object_valid]  # (M, h, w)
+    h = rise.shape[-2]
+    assert float(rise[:, : h // 2].abs().max()) < 1e-4  # the top half is untouched
+    assert float(rise[:, -1].min()) > 5.0  # the bottom row gains ~GROUNDING_SCALE logits
+    # what SAM2 adds to its mask logits is that same map (a random SAM2 may gate the masks themselves off)
+    features = model.decoder.encode(inputs.frames)
+    embeds = torch.randn(2, 3, model.decoder.hidden_dim)
+    prompts = Prompts(embeds, torch.ones(2, 3, dtype=torch.bool), torch.randn(2, model.decoder.hidden_dim))
+    with torch.no_grad():
+        bias = model.decoder._prompt(features, prompts)["text_bias"].view(2, 3, *features.size)
+        torch.testing.assert_close(bias, features.grounding(embeds) + model.decoder.position_prior(embeds, features.size))
+    model.save_pretrained(tmp_path / "prior")
+    again = load_model(tmp_path / "prior").eval()
+    assert again.config.decoder.position_prior == 4
+    with torch.no_grad():
+        torch.testing.assert_close(again(inputs).mask_logits, moved.mask_logits)

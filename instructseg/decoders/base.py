@@ -109,6 +109,11 @@ class MaskDecoder(nn.Module, ABC):
         LLM answered): those frames are not encoded again (entries are consumed). Yields (frame_idx, output with
         B=1) once for every frame, key frames first, then forwards from the first key frame, then backwards."""
 
+    def grounding(self, features: FrameFeatures, embeds: torch.Tensor) -> torch.Tensor:
+        """Grounding logits (B, N, h, w) of object embeddings (B, N, C) on `features`: the cosine map of
+        `FrameFeatures.grounding`, plus what a decoder adds to it (sam2: the optional position prior)."""
+        return features.grounding(embeds)
+
     def external_parameters(self) -> list[nn.Parameter]:
         """Parameters used outside their owning module's `forward` (ZeRO-3 must gather them with this module)."""
         return []

@@ -9,6 +9,7 @@ from torch import nn
 
 from instructseg.config import DecoderConfig
 from instructseg.decoders.base import DecoderOutput, FrameFeatures, MaskDecoder, Prompts
+from instructseg.decoders.position_prior import PositionPrior
 from instructseg.decoders.sam2_prompting import build_text_prompt_sam2, text_prompt
 
 _MEAN = (0.485, 0.456, 0.406)
@@ -19,16 +20,17 @@ INVALID_SCORE = -1e4
 class SAM2Decoder(MaskDecoder):
     """Sparse prompt per object = [object embedding ; text embedding E_v]; optional dense prompt from the
     cosine-similarity map between E_v and the image embedding (a coarse localisation prior). Each object's own
-    grounding map (its embedding against the image embedding) is added to its mask logits, so the mask is SAM2's
-    refinement of where the object embedding points."""
+    grounding map (its embedding against the image embedding, plus the optional position prior) is added to its
+    mask logits, so the mask is SAM2's refinement of where the object embedding points."""
 
-    def __init__(self, *, sam: nn.Module, dense_prompt: bool):
+    def __init__(self, *, sam: nn.Module, dense_prompt: bool, position_prior: int = 0):
         super().__init__()
         self.sam = sam
         self.hidden_dim = sam.hidden_dim
         self.image_size = sam.image_size
         self.dense = nn.Sequential(nn.Conv2d(1, self.hidden_dim, 3, padding=1), nn.GELU(),
                                    nn.Conv2d(self.hidden_dim, self.hidden_dim, 1)) if dense_prompt else None
+        self.position_prior = PositionPrior(dim=self.hidden_dim, grid=position_prior) if position_prior else None
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
         # memory frames SAM2 may look back at: spatial memories and object pointers
@@ -40,7 +42,7 @@ class SAM2Decoder(MaskDecoder):
                                      hidden_dim=cfg.sam2_hidden_dim, checkpoint=cfg.checkpoint)
         if cfg.single_mask_tracking:
             sam.multimask_output_for_tracking = False
-        return cls(sam=sam, dense_prompt=cfg.dense_prompt)
+        return cls(sam=sam, dense_prompt=cfg.dense_prompt, position_prior=cfg.position_prior)
 
     # -- features ---------------------------------------------------------------------------------------------
     def encode(self, frames: torch.Tensor) -> FrameFeatures:
@@ -69,11 +71,15 @@ class SAM2Decoder(MaskDecoder):
         if self.dense is not None:
             sim = features.similarity(prompts.text_embed[:, None])  # (B, 1, h, w)
             dense = self.dense(sim).repeat_interleave(n, dim=0)
-        bias = features.grounding(prompts.object_embeds).reshape(b * n, 1, *features.size)
+        bias = self.grounding(features, prompts.object_embeds).reshape(b * n, 1, *features.size)
         if prompts.point_coords is None:
             return text_prompt(sparse, dense, bias=bias)
         return text_prompt(sparse, dense, bias=bias, coords=prompts.point_coords.flatten(0, 1),
                            labels=prompts.point_labels.flatten(0, 1))
+
+    def grounding(self, features: FrameFeatures, embeds: torch.Tensor) -> torch.Tensor:
+        logits = features.grounding(embeds)
+        return logits if self.position_prior is None else logits + self.position_prior(embeds, features.size)
 
     # -- module calls: what DeepSpeed ZeRO-3 needs -------------------------------------------------------------
     def external_parameters(self) -> list[nn.Parameter]:

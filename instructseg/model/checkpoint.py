@@ -29,7 +29,7 @@ from instructseg.llm.lora import adapter_merged
 from instructseg.llm.precision import check_saveable
 
 WEIGHTS = "model.safetensors"
-_NEW_HEADS = ("category_heads.", "cell_words.")
+_NEW_HEADS = ("category_heads.", "cell_words.", "decoder.position_prior.")  # start untrained (the prior at zero)
 
 
 def _own_tensors(model) -> dict[str, torch.Tensor]:

@@ -209,7 +209,7 @@ class InstructSegModel(nn.Module):
                                  text_embed=prompts.text_embed, track_mask_logits=tracked_masks,
                                  track_score_logits=tracked_scores,
                                  text_align_logits=features.grounding(prompts.text_embed[:, None])[:, 0],
-                                 object_align_logits=features.grounding(prompts.object_embeds),
+                                 object_align_logits=self.decoder.grounding(features, prompts.object_embeds),
                                  vision_class_logits=vision_classes, decoder_class_logits=decoder_classes,
                                  word_logits=words)
 
