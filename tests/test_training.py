@@ -348,7 +348,8 @@ def test_frozen_modules_keep_their_weights(tmp_path, synth_root):
     from instructseg.config import preset
     from instructseg.model.instructseg import InstructSegModel
 
-    recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2, freeze=["vision", "decoder.sam.image_encoder.trunk"])
+    recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2, freeze=["vision", "decoder.sam.image_encoder.trunk"],
+                     lr_scale={"fusion": 3.0})  # (an LR group of its own goes through DeepSpeed too)
     _train([str(recipe)])
     torch.manual_seed(0)  # the trainer builds a preset under train.seed
     initial = InstructSegModel(preset("tiny")).state_dict()
@@ -360,3 +361,28 @@ def test_frozen_modules_keep_their_weights(tmp_path, synth_root):
                           f"output_dir={tmp_path / 'bad'}"], capture_output=True, text=True, env=_env(), cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == \
         "instructseg: error: train.freeze: no parameters under 'visoin'"
+
+
+def test_lr_scale_puts_prefixes_in_their_own_groups_and_refuses_bad_entries():
+    """train.lr_scale: the parameters under a prefix train at lr x its multiplier, everything else trainable at lr
+    (frozen parameters in no group); a prefix with nothing trainable or a non-positive multiplier is an error."""
+    import torch
+
+    from instructseg.config import preset
+    from instructseg.errors import InputError
+    from instructseg.model.instructseg import InstructSegModel
+    from instructseg.train.trainer import _freeze, _param_groups
+
+    torch.manual_seed(0)
+    model = InstructSegModel(preset("tiny").override(["decoder.position_prior=4"]))
+    _freeze(model, ["vision"])
+    rest, prior = _param_groups(model, 1e-4, {"decoder.position_prior": 20})
+    assert prior["lr"] == pytest.approx(2e-3) and rest["lr"] == 1e-4
+    assert {id(p) for p in prior["params"]} == {id(p) for p in model.decoder.position_prior.parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in rest["params"]} | {id(p) for p in prior["params"]} == trainable
+    assert not any(id(p) in trainable for p in model.vision.parameters())
+    with pytest.raises(InputError, match="no trainable parameters under 'vision'"):
+        _param_groups(model, 1e-4, {"vision": 2})
+    with pytest.raises(InputError, match="positive multiplier"):
+        _param_groups(model, 1e-4, {"fusion": 0})

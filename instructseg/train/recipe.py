@@ -75,6 +75,9 @@ class TrainSettings:
     cpu_bf16: bool = False
     # module prefixes of parameters that do not train (e.g. decoder.sam.image_encoder.trunk after the encoder stage)
     freeze: list[str] = field(default_factory=list)
+    # module prefix -> LR multiplier for the parameters under it (e.g. {decoder.position_prior: 20}: a new,
+    # zero-initialised head next to trained parts that must move slowly); the rest train at `lr`
+    lr_scale: dict[str, float] = field(default_factory=dict)
     loss: LossWeights = field(default_factory=LossWeights)
 
 

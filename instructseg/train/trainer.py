@@ -74,6 +74,23 @@ def _freeze(model, prefixes: list[str]) -> None:
             param.requires_grad_(False)
 
 
+def _param_groups(model, lr: float, scales: dict[str, float]) -> list[dict]:
+    """The trainable parameters as optimizer groups: one per `scales` prefix (at lr x its multiplier), then the
+    rest at `lr`. A prefix that names no trainable parameter, or a multiplier that is not positive, is refused."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups, taken = [], set()
+    for prefix, scale in scales.items():
+        if not scale > 0:
+            raise InputError(f"train.lr_scale.{prefix}: expected a positive multiplier, got {scale!r}")
+        params = [p for name, p in trainable if (name == prefix or name.startswith(prefix + ".")) and name not in taken]
+        if not params:
+            raise InputError(f"train.lr_scale: no trainable parameters under {prefix!r}")
+        taken.update(name for name, p in trainable if name == prefix or name.startswith(prefix + "."))
+        groups.append({"params": params, "lr": lr * scale})
+    rest = [p for name, p in trainable if name not in taken]
+    return ([{"params": rest, "lr": lr}] if rest else []) + groups
+
+
 def _schedule(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -97,7 +114,8 @@ def _deepspeed_config(recipe: Recipe, world: int) -> dict:
 
 
 # What a resumed run restores and so cannot change: the model's shapes and the optimizer's state.
-FIXED_ON_RESUME = ("model", "model_overrides", "train.lr", "train.weight_decay", "train.freeze", "train.deepspeed")
+FIXED_ON_RESUME = ("model", "model_overrides", "train.lr", "train.lr_scale", "train.weight_decay", "train.freeze",
+                   "train.deepspeed")
 
 
 def resume_changes(recipe: Recipe) -> tuple[int | None, list[str]]:
@@ -157,7 +175,7 @@ class Trainer:
                            num_ref_frames=self.recipe.train.num_ref_frames or model.config.perceiver.num_ref_frames)
         self.samples = self._data(model, collate)
         self.loss = SegmentationLoss(recipe.train.loss, matching=model.config.decoder.kind == "mask2former")
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = _param_groups(model, recipe.train.lr, recipe.train.lr_scale)
         optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe.train.warmup_steps,
                                                                            recipe.train.steps))
