@@ -172,6 +172,10 @@ def build_app(predictor, *, max_upload_mb: float = 200.0, max_frames: int = 300,
                                {"role": "assistant", "content": _answer_text(result)}]
             return ("", *results_view(visit, None, int(frame or 0), _timing(visit, result)))
 
+    def ask_from_page(visit, message, frame, progress=gr.Progress()):
+        """The page's send: its message box was emptied when the message was taken (and is given back on error)."""
+        return ask(visit, message, frame, progress)[1:]
+
     @_user_errors
     def propagate(visit, selected, frame, progress=gr.Progress()):
         visit = _require(visit)
@@ -296,6 +300,8 @@ def build_app(predictor, *, max_upload_mb: float = 200.0, max_frames: int = 300,
             api_answer, api_overlay = gr.Textbox(label="answer"), gr.File(label="overlay")
             api_zip = gr.File(label="masks zip")
             api_btn = gr.Button()
+            api_ask = gr.Button()  # the /ask endpoint (the page itself sends through the chain below)
+            pending = gr.State("")  # the message the page's question is answering
 
         model = dict(concurrency_id="model", concurrency_limit=1)
         view = dict(concurrency_id="view", concurrency_limit=VIEW_CONCURRENCY)
@@ -305,8 +311,13 @@ def build_app(predictor, *, max_upload_mb: float = 200.0, max_frames: int = 300,
         load = dict(concurrency_id="load", concurrency_limit=LOAD_CONCURRENCY)
         media.upload(load_upload, [visit, media], loaded, api_name="load", **load)
         example_btn.click(load_example, [visit, example], loaded, api_name="load_example", **load)
-        send.click(ask, [visit, message, frame], [message, *shown], api_name="ask", **model)
-        message.submit(ask, [visit, message, frame], [message, *shown], api_name=False, **model)
+        # the page empties the message box as soon as the message is sent and gives it back if the question fails
+        # (unless something new was typed meanwhile); API clients call /ask with the message itself
+        for sent in (send.click, message.submit):
+            sent(lambda text: ("", text), message, [message, pending], api_name=False, queue=False) \
+                .then(ask_from_page, [visit, pending, frame], shown, api_name=False, **model) \
+                .failure(lambda taken, now: now or taken, [pending, message], message, api_name=False, queue=False)
+        api_ask.click(ask, [visit, message, frame], [message, *shown], api_name="ask", **model)
         propagate_btn.click(propagate, [visit, objects, frame], shown, api_name="propagate", **model)
         objects.input(show_objects, [visit, objects, frame], [overlay_video, overlay_image, frame_image],
                       api_name="show_objects", **view)

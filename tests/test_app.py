@@ -290,10 +290,21 @@ def test_browser_upload_ask_overlay_click_propagate(browser_server, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(browser_server)
-            page.locator("#media input[type=file]").set_input_files(str(VIDEO))
-            page.locator("#status").get_by_text("16 frames").wait_for(timeout=60_000)
+            # a question that fails (nothing loaded yet) gives the message back to its box
             page.locator("#message textarea").fill(instruction)
             page.locator("#send").click()
+            page.get_by_text("(or load an example) first").first.wait_for(timeout=30_000)
+            page.wait_for_function(f"() => document.querySelector('#message textarea').value === {instruction!r}",
+                                   timeout=30_000)
+            page.locator("#media input[type=file]").set_input_files(str(VIDEO))
+            page.locator("#status").get_by_text("16 frames").wait_for(timeout=60_000)
+            page.locator("#send").click()
+            # the box empties as the message is sent, before the answer arrives
+            cleared = page.wait_for_function(
+                "() => document.querySelector('#message textarea').value === ''"
+                " && {answered: document.querySelector('#chat').innerText.includes('segmented')}",
+                polling=10, timeout=30_000).json_value()
+            assert cleared == {"answered": False}
             page.locator("#chat").get_by_text("segmented").wait_for(timeout=120_000)
             assert page.locator("#chat").get_by_text(instruction).count() == 1
             # a non-empty overlay: the video decodes at the source size and has a duration
