@@ -474,36 +474,52 @@ def test_backward_reference_frames_are_tracked_from_the_key_frame_outwards(monke
     assert torch.equal(out.track_mask_logits[1], in_track_order[1].flip(0))
 
 
-def test_position_prior_starts_as_a_no_op_and_moves_the_grounding_where_it_points(tmp_path):
-    """decoder.position_prior adds a per-object map of logits to the grounding map: a model saved without it loads
-    with it (override) and gives exactly the same outputs until the prior is trained; a prior that favours the
-    bottom rows raises the grounding and the mask logits there and nowhere else; it saves and loads exactly."""
+def test_position_prior_reads_the_seg_state_starts_as_a_no_op_and_moves_the_grounding_where_it_points(tmp_path):
+    """decoder.position_prior adds a per-object map of logits, predicted from the object's standardised [SEG] state,
+    to its grounding map: a model saved without it loads with it (override) and gives exactly the same outputs until
+    the prior is trained; a prior that favours the bottom rows raises the grounding and the mask logits there and
+    nowhere else; different states give different maps; it saves and loads exactly."""
     torch.manual_seed(0)
     plain = InstructSegModel(preset("tiny")).eval()
     plain.save_pretrained(tmp_path / "plain")
     model = load_model(tmp_path / "plain", overrides=["decoder.position_prior=4"]).eval()
+    assert model.weight_sources["position_prior"] == "random init"
     inputs = _inputs(model, PAIRS, video=False)
     with torch.no_grad():
         before, after = plain(inputs), model(inputs)
     torch.testing.assert_close(after.mask_logits, before.mask_logits)
     torch.testing.assert_close(after.object_align_logits, before.object_align_logits)
-    prior = model.decoder.position_prior
+    prior = model.position_prior
+    seen = []
+    prior.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     with torch.no_grad():
         prior.net[2].bias.copy_(torch.tensor([0.0] * 12 + [1.0] * 4))  # 4 x 4 grid: the bottom row
         moved = model(inputs)
+        hidden = model.llm(inputs_embeds=model.embed(inputs), attention_mask=inputs.attention_mask,
+                           output_hidden_states=True).hidden_states[-1]
+    states = model.state_norm(hidden.float())[inputs.input_ids == model.token_ids[SEG]]
+    torch.testing.assert_close(seen[0][moved.object_valid], states)  # what it reads: each object's [SEG] state
     rise = (moved.object_align_logits - before.object_align_logits)[before.object_valid]  # (M, h, w)
     h = rise.shape[-2]
     assert float(rise[:, : h // 2].abs().max()) < 1e-4  # the top half is untouched
     assert float(rise[:, -1].min()) > 5.0  # the bottom row gains ~GROUNDING_SCALE logits
-    # what SAM2 adds to its mask logits is that same map (a random SAM2 may gate the masks themselves off)
-    features = model.decoder.encode(inputs.frames)
-    embeds = torch.randn(2, 3, model.decoder.hidden_dim)
-    prompts = Prompts(embeds, torch.ones(2, 3, dtype=torch.bool), torch.randn(2, model.decoder.hidden_dim))
+    # different states, different maps; what SAM2 adds to its mask logits is the grounding plus that map
     with torch.no_grad():
-        bias = model.decoder._prompt(features, prompts)["text_bias"].view(2, 3, *features.size)
-        torch.testing.assert_close(bias, features.grounding(embeds) + model.decoder.position_prior(embeds, features.size))
+        prior.net[2].weight.normal_(0, 0.5)
+        features = model.decoder.encode(inputs.frames).select([0])
+        where = prior(states[None])  # (1, 3, 4, 4)
+        assert float((where[0, 0] - where[0, 1]).abs().max()) > 0.1
+        embeds = torch.randn(1, 3, model.decoder.hidden_dim)
+        prompts = Prompts(embeds, torch.ones(1, 3, dtype=torch.bool), torch.randn(1, model.decoder.hidden_dim),
+                          position_logits=where)
+        bias = model.decoder._prompt(features, prompts)["text_bias"].view(1, 3, *features.size)
+        up = torch.nn.functional.interpolate(where[0][:, None], size=features.size, mode="bilinear",
+                                             align_corners=False)[:, 0]
+        torch.testing.assert_close(bias, features.grounding(embeds) + up[None])
+        moved = model(inputs)
     model.save_pretrained(tmp_path / "prior")
     again = load_model(tmp_path / "prior").eval()
     assert again.config.decoder.position_prior == 4
+    assert again.weight_sources["position_prior"].startswith("trained")
     with torch.no_grad():
         torch.testing.assert_close(again(inputs).mask_logits, moved.mask_logits)

@@ -376,9 +376,9 @@ def test_lr_scale_puts_prefixes_in_their_own_groups_and_refuses_bad_entries():
     torch.manual_seed(0)
     model = InstructSegModel(preset("tiny").override(["decoder.position_prior=4"]))
     _freeze(model, ["vision"])
-    rest, prior = _param_groups(model, 1e-4, {"decoder.position_prior": 20})
+    rest, prior = _param_groups(model, 1e-4, {"position_prior": 20})
     assert prior["lr"] == pytest.approx(2e-3) and rest["lr"] == 1e-4
-    assert {id(p) for p in prior["params"]} == {id(p) for p in model.decoder.position_prior.parameters()}
+    assert {id(p) for p in prior["params"]} == {id(p) for p in model.position_prior.parameters()}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for p in rest["params"]} | {id(p) for p in prior["params"]} == trainable
     assert not any(id(p) in trainable for p in model.vision.parameters())

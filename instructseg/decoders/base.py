@@ -56,6 +56,8 @@ class Prompts:
     point_coords:  (B, N, P, 2) float (x, y) in decoder pixels; point_labels (B, N, P) int: 1 positive,
                    0 negative, 2/3 box corners, -1 padding.
     mask_inputs:   (B, N, S, S) float: a mask that replaces the prediction on this frame.
+    From the instruction, when the model has a position prior (instructseg.model.position_prior):
+    position_logits: (B, N, g, g) each object's coarse where-prior, added to its grounding map.
     """
 
     object_embeds: torch.Tensor
@@ -64,6 +66,14 @@ class Prompts:
     point_coords: torch.Tensor | None = None
     point_labels: torch.Tensor | None = None
     mask_inputs: torch.Tensor | None = None
+    position_logits: torch.Tensor | None = None
+
+    def objects(self, keep) -> "Prompts":
+        """The instruction-derived prompts of object slots `keep` (an index or slice of N); visual prompts, which
+        belong to one frame, are dropped."""
+        pos = self.position_logits
+        return Prompts(object_embeds=self.object_embeds[:, keep], object_valid=self.object_valid[:, keep],
+                       text_embed=self.text_embed, position_logits=None if pos is None else pos[:, keep])
 
 
 @dataclass
@@ -109,10 +119,13 @@ class MaskDecoder(nn.Module, ABC):
         LLM answered): those frames are not encoded again (entries are consumed). Yields (frame_idx, output with
         B=1) once for every frame, key frames first, then forwards from the first key frame, then backwards."""
 
-    def grounding(self, features: FrameFeatures, embeds: torch.Tensor) -> torch.Tensor:
-        """Grounding logits (B, N, h, w) of object embeddings (B, N, C) on `features`: the cosine map of
-        `FrameFeatures.grounding`, plus what a decoder adds to it (sam2: the optional position prior)."""
-        return features.grounding(embeds)
+    def grounding(self, features: FrameFeatures, prompts: Prompts) -> torch.Tensor:
+        """Grounding logits (B, N, h, w) of the prompts' objects on `features`: the cosine map of their embeddings
+        (`FrameFeatures.grounding`) plus their position prior, when the prompts carry one."""
+        logits = features.grounding(prompts.object_embeds)
+        if prompts.position_logits is None:
+            return logits
+        return logits + upsample_prior(prompts.position_logits, features.size).to(logits.dtype)
 
     def external_parameters(self) -> list[nn.Parameter]:
         """Parameters used outside their owning module's `forward` (ZeRO-3 must gather them with this module)."""
@@ -134,3 +147,10 @@ def _map_tensors(value: Any, fn):
     if isinstance(value, (list, tuple)):
         return type(value)(_map_tensors(v, fn) for v in value)
     return value
+
+
+def upsample_prior(coarse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, N, g, g) position-prior logits -> (B, N, h, w), bilinear."""
+    b, n = coarse.shape[:2]
+    out = F.interpolate(coarse.float().flatten(0, 1)[:, None], size=size, mode="bilinear", align_corners=False)
+    return out.view(b, n, *size).to(coarse.dtype)

@@ -9,7 +9,6 @@ from torch import nn
 
 from instructseg.config import DecoderConfig
 from instructseg.decoders.base import DecoderOutput, FrameFeatures, MaskDecoder, Prompts
-from instructseg.decoders.position_prior import PositionPrior
 from instructseg.decoders.sam2_prompting import build_text_prompt_sam2, text_prompt
 
 _MEAN = (0.485, 0.456, 0.406)
@@ -20,17 +19,17 @@ INVALID_SCORE = -1e4
 class SAM2Decoder(MaskDecoder):
     """Sparse prompt per object = [object embedding ; text embedding E_v]; optional dense prompt from the
     cosine-similarity map between E_v and the image embedding (a coarse localisation prior). Each object's own
-    grounding map (its embedding against the image embedding, plus the optional position prior) is added to its
+    grounding map (`MaskDecoder.grounding`: its embedding against the image embedding, plus its position prior when
+    the model has one) is added to its
     mask logits, so the mask is SAM2's refinement of where the object embedding points."""
 
-    def __init__(self, *, sam: nn.Module, dense_prompt: bool, position_prior: int = 0):
+    def __init__(self, *, sam: nn.Module, dense_prompt: bool):
         super().__init__()
         self.sam = sam
         self.hidden_dim = sam.hidden_dim
         self.image_size = sam.image_size
         self.dense = nn.Sequential(nn.Conv2d(1, self.hidden_dim, 3, padding=1), nn.GELU(),
                                    nn.Conv2d(self.hidden_dim, self.hidden_dim, 1)) if dense_prompt else None
-        self.position_prior = PositionPrior(dim=self.hidden_dim, grid=position_prior) if position_prior else None
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
         # memory frames SAM2 may look back at: spatial memories and object pointers
@@ -42,7 +41,7 @@ class SAM2Decoder(MaskDecoder):
                                      hidden_dim=cfg.sam2_hidden_dim, checkpoint=cfg.checkpoint)
         if cfg.single_mask_tracking:
             sam.multimask_output_for_tracking = False
-        return cls(sam=sam, dense_prompt=cfg.dense_prompt, position_prior=cfg.position_prior)
+        return cls(sam=sam, dense_prompt=cfg.dense_prompt)
 
     # -- features ---------------------------------------------------------------------------------------------
     def encode(self, frames: torch.Tensor) -> FrameFeatures:
@@ -71,15 +70,11 @@ class SAM2Decoder(MaskDecoder):
         if self.dense is not None:
             sim = features.similarity(prompts.text_embed[:, None])  # (B, 1, h, w)
             dense = self.dense(sim).repeat_interleave(n, dim=0)
-        bias = self.grounding(features, prompts.object_embeds).reshape(b * n, 1, *features.size)
+        bias = self.grounding(features, prompts).reshape(b * n, 1, *features.size)
         if prompts.point_coords is None:
             return text_prompt(sparse, dense, bias=bias)
         return text_prompt(sparse, dense, bias=bias, coords=prompts.point_coords.flatten(0, 1),
                            labels=prompts.point_labels.flatten(0, 1))
-
-    def grounding(self, features: FrameFeatures, embeds: torch.Tensor) -> torch.Tensor:
-        logits = features.grounding(embeds)
-        return logits if self.position_prior is None else logits + self.position_prior(embeds, features.size)
 
     # -- module calls: what DeepSpeed ZeRO-3 needs -------------------------------------------------------------
     def external_parameters(self) -> list[nn.Parameter]:
@@ -177,7 +172,7 @@ class SAM2Decoder(MaskDecoder):
                 out = track(t, feats, pos, sizes, features, prompt, reverse)
             else:
                 key = min(keys, key=lambda k: (abs(k - t), k))
-                free = self._heads(features, _text_only(key_prompts[key]))
+                free = self._heads(features, key_prompts[key].objects(slice(None)))  # no clicks
                 found = (free["object_score_logits"][:, 0].sigmoid() >= redetect.min_score) & ~clicked  # (N,)
                 found &= _iou(free["pred_masks_high_res"][:, 0] > 0, shown[prev]) >= redetect.min_iou
                 out = free if bool(found.all()) and n else track(t, feats, pos, sizes, features, None, reverse,
@@ -248,12 +243,6 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     inter = (a & b).flatten(1).sum(1).float()
     union = (a | b).flatten(1).sum(1).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
-def _text_only(prompts: Prompts) -> Prompts:
-    """The instruction-derived part of a frame's prompts (clicks and masks belong to their own frame)."""
-    return Prompts(object_embeds=prompts.object_embeds, object_valid=prompts.object_valid,
-                   text_embed=prompts.text_embed)
 
 
 def _visually_prompted(prompts, n: int) -> torch.Tensor:

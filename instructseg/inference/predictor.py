@@ -13,6 +13,7 @@ Results stream frame by frame (`stream`), so a long video never holds all frames
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,8 +238,7 @@ class InstructSegPredictor:
                 coords[0, obj - 1, :len(lab)] = torch.from_numpy(np.asarray(xy, np.float32) * scale)
                 labels[0, obj - 1, :len(lab)] = torch.as_tensor(lab, dtype=torch.int32)
             extra.update(point_coords=coords.to(self.device), point_labels=labels.to(self.device))
-        return Prompts(object_embeds=base.object_embeds, object_valid=base.object_valid, text_embed=base.text_embed,
-                       **extra)
+        return dataclasses.replace(base.objects(slice(None)), **extra)
 
 class _Forward:
     """A stand-in rng for `reference_frames` that always picks forwards (inference is deterministic)."""

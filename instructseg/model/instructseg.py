@@ -25,6 +25,7 @@ from instructseg.model.fusion import TextFusion
 from instructseg.model.outputs import Generation, InstructSegOutput, ModelInputs, SequenceStates
 from instructseg.model.perceiver import ObjectAwarePerceiver
 from instructseg.model.prompt_norm import PromptNorm
+from instructseg.model.position_prior import PositionPrior
 from instructseg.model.state_norm import StateNorm
 from instructseg.model.tokens import IMG, MQ, REF, SEG, PromptLayout
 from instructseg.model.vision import VisionEncoder
@@ -87,6 +88,8 @@ class InstructSegModel(nn.Module):
         self.fusion = TextFusion(text_width=hidden, dim=dim, layers=f.layers, heads=f.heads,
                                  max_detail_tokens=f.max_detail_tokens)
         self.object_norm, self.text_norm = PromptNorm(dim), PromptNorm(dim)  # prompts cannot collapse
+        prior = config.decoder.position_prior
+        self.position_prior = PositionPrior(width=hidden, grid=prior) if prior else None
         self.state_norm = StateNorm(hidden)  # loaded with the weights, or calibrated on the base LLM now
         self.category_heads = (CategoryHeads(self.vision.width, dim, config.semantic_classes)
                                if config.semantic_classes else None)  # training aid
@@ -178,7 +181,8 @@ class InstructSegModel(nn.Module):
         slots = slots.masked_scatter(valid[..., None], hidden[where])
         text = self.text_norm(self.fusion(hidden.to(features.tokens.dtype), instruction_mask, features.tokens))
         objects = self.object_norm(self.object_proj(slots.to(text.dtype)), valid)
-        return Prompts(object_embeds=objects, object_valid=valid, text_embed=text)
+        where = None if self.position_prior is None else self.position_prior(slots.to(text.dtype))
+        return Prompts(object_embeds=objects, object_valid=valid, text_embed=text, position_logits=where)
 
     # -- forward / generate ---------------------------------------------------------------------------------
     def forward(self, inputs: ModelInputs, *, track: bool | None = None) -> InstructSegOutput:
@@ -209,7 +213,7 @@ class InstructSegModel(nn.Module):
                                  text_embed=prompts.text_embed, track_mask_logits=tracked_masks,
                                  track_score_logits=tracked_scores,
                                  text_align_logits=features.grounding(prompts.text_embed[:, None])[:, 0],
-                                 object_align_logits=self.decoder.grounding(features, prompts.object_embeds),
+                                 object_align_logits=self.decoder.grounding(features, prompts),
                                  vision_class_logits=vision_classes, decoder_class_logits=decoder_classes,
                                  word_logits=words)
 
@@ -275,15 +279,13 @@ class InstructSegModel(nn.Module):
         k = int((input_ids == self.token_ids[SEG]).sum())
         if self.config.decoder.kind == "mask2former":
             return self._top_queries(features, prompts, k)
-        return Prompts(object_embeds=prompts.object_embeds[:, :k], object_valid=prompts.object_valid[:, :k],
-                       text_embed=prompts.text_embed)
+        return prompts.objects(slice(0, k))
 
     def _top_queries(self, features: FrameFeatures, prompts: Prompts, k: int) -> Prompts:
         """mask2former: keep the k queries that match the instruction best (k = number of [SEG])."""
         scores = self.decoder.decode(features, prompts).score_logits[0]
         keep = scores.topk(min(k, scores.numel())).indices.sort().values
-        return Prompts(object_embeds=prompts.object_embeds[:, keep], object_valid=prompts.object_valid[:, keep],
-                       text_embed=prompts.text_embed)
+        return prompts.objects(keep)
 
 
 def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, str]:
@@ -294,7 +296,7 @@ def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, st
     decoder = f"pretrained ({config.decoder.checkpoint})" if config.decoder.checkpoint else "random init"
     sources = {"llm": llm, "lora": "new (no adapter loaded)", "vision": vision, "decoder": decoder}
     for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion", "object_norm", "text_norm",
-                 "category_heads", "cell_words"):
+                 "category_heads", "cell_words", "position_prior"):
         sources[part] = "random init"
     sources["state_norm"] = "calibrated on the base LLM" if load_pretrained else "not calibrated"
     return sources

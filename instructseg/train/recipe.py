@@ -75,7 +75,7 @@ class TrainSettings:
     cpu_bf16: bool = False
     # module prefixes of parameters that do not train (e.g. decoder.sam.image_encoder.trunk after the encoder stage)
     freeze: list[str] = field(default_factory=list)
-    # module prefix -> LR multiplier for the parameters under it (e.g. {decoder.position_prior: 20}: a new,
+    # module prefix -> LR multiplier for the parameters under it (e.g. {position_prior: 20}: a new,
     # zero-initialised head learns faster than the trained parts around it, which must move slowly); the rest
     # train at `lr`
     lr_scale: dict[str, float] = field(default_factory=dict)
