@@ -493,7 +493,7 @@ def test_position_prior_reads_the_seg_state_starts_as_a_no_op_and_moves_the_grou
     seen = []
     prior.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     with torch.no_grad():
-        prior.net[2].bias.copy_(torch.tensor([0.0] * 12 + [1.0] * 4))  # 4 x 4 grid: the bottom row
+        prior.linear.bias.copy_(torch.tensor([0.0] * 12 + [1.0] * 4))  # 4 x 4 grid: the bottom row
         moved = model(inputs)
         hidden = model.llm(inputs_embeds=model.embed(inputs), attention_mask=inputs.attention_mask,
                            output_hidden_states=True).hidden_states[-1]
@@ -505,9 +505,9 @@ def test_position_prior_reads_the_seg_state_starts_as_a_no_op_and_moves_the_grou
     assert float(rise[:, -1].min()) > 5.0  # the bottom row gains ~GROUNDING_SCALE logits
     # different states, different maps; what SAM2 adds to its mask logits is the grounding plus that map
     with torch.no_grad():
-        prior.net[2].weight.normal_(0, 0.5)
+        prior.linear.weight.normal_(0, 0.5)
         features = model.decoder.encode(inputs.frames).select([0])
-        where = prior(states[None])  # (1, 3, 4, 4)
+        where = prior(states[None], torch.ones(1, 3, dtype=torch.bool))  # (1, 3, 4, 4)
         assert float((where[0, 0] - where[0, 1]).abs().max()) > 0.1
         embeds = torch.randn(1, 3, model.decoder.hidden_dim)
         prompts = Prompts(embeds, torch.ones(1, 3, dtype=torch.bool), torch.randn(1, model.decoder.hidden_dim),
@@ -523,3 +523,32 @@ def test_position_prior_reads_the_seg_state_starts_as_a_no_op_and_moves_the_grou
     assert again.weight_sources["position_prior"].startswith("trained")
     with torch.no_grad():
         torch.testing.assert_close(again(inputs).mask_logits, moved.mask_logits)
+
+
+def test_position_prior_centres_states_with_running_statistics_of_valid_slots_only():
+    """The prior reads states centred and scaled by running statistics: the first training batch sets them from its
+    valid slots (padding ignored), later batches move them by `momentum`, evaluation only reads them; a shared
+    component of every state (what made the maps the same for every sentence) is removed."""
+    from instructseg.model.position_prior import PositionPrior
+
+    torch.manual_seed(0)
+    prior = PositionPrior(width=16, grid=2, momentum=0.5).train()
+    shared = 30 * torch.randn(16)
+    states = shared + torch.randn(2, 3, 16)
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    states[~valid] = 1000.0  # padding must not enter the statistics
+    torch.nn.init.normal_(prior.linear.weight)
+    prior.requires_grad_(False)
+    out = prior(states, valid)
+    torch.testing.assert_close(prior.mean, states[valid].mean(0))
+    torch.testing.assert_close(prior.var, states[valid].var(0))
+    assert float(out[~valid].abs().max()) == 0.0
+    assert float(prior(states, valid)[valid].mean(0).abs().max()) < 1e-3 * float(out[valid].abs().max()) + 1e-4
+    before = prior.mean.clone()
+    later = shared + 2 + torch.randn(2, 3, 16)
+    prior(later, torch.ones(2, 3, dtype=torch.bool))
+    torch.testing.assert_close(prior.mean, 0.5 * before + 0.5 * later.flatten(0, 1).mean(0))
+    prior.eval()
+    frozen = prior.mean.clone()
+    prior(shared + torch.randn(2, 3, 16), torch.ones(2, 3, dtype=torch.bool))
+    assert torch.equal(prior.mean, frozen) and int(prior.seen) == 3  # only training batches counted

@@ -181,7 +181,7 @@ class InstructSegModel(nn.Module):
         slots = slots.masked_scatter(valid[..., None], hidden[where])
         text = self.text_norm(self.fusion(hidden.to(features.tokens.dtype), instruction_mask, features.tokens))
         objects = self.object_norm(self.object_proj(slots.to(text.dtype)), valid)
-        where = None if self.position_prior is None else self.position_prior(slots.to(text.dtype))
+        where = None if self.position_prior is None else self.position_prior(slots, valid)
         return Prompts(object_embeds=objects, object_valid=valid, text_embed=text, position_logits=where)
 
     # -- forward / generate ---------------------------------------------------------------------------------

@@ -8,8 +8,11 @@ it to the grounding map (`MaskDecoder.grounding`), so position words can move th
 
 It reads the state, not the object embedding: a held-out linear probe reads the position word of a sentence from
 the standardised `[SEG]` state 90 % of the time but from the object embedding only 34 % (chance 31 %), since the
-object projection, trained for colour and shape, drops it (docs/default_model.md, "A position prior"). The last
-layer starts at zero: a model given the head behaves exactly as before until training moves it.
+object projection, trained for colour and shape, drops it (docs/default_model.md, "A position prior"). The map is
+linear in the state, like the probe, after the state is centred and scaled with running statistics of the `[SEG]`
+states seen in training: `[SEG]` states share a large component (two sentences' states have cosine ~0.99), and
+without the centring the head only ever learnt that shared part (the same map for every sentence). The weights start
+at zero: a model given the head behaves exactly as before until training moves it.
 """
 from __future__ import annotations
 
@@ -20,16 +23,37 @@ from instructseg.decoders.base import GROUNDING_SCALE
 
 
 class PositionPrior(nn.Module):
-    """forward(states (B, N, H)) -> coarse prior logits (B, N, grid, grid), in the grounding map's units."""
+    """forward(states (B, N, H), valid (B, N)) -> coarse prior logits (B, N, grid, grid), in the grounding map's
+    units (zero for invalid slots). In training, the valid states update the running mean and variance (an average
+    with `momentum`; the first batch sets them) before they are used."""
 
-    def __init__(self, *, width: int, grid: int, dim: int = 128):
+    def __init__(self, *, width: int, grid: int, momentum: float = 0.05):
         super().__init__()
         self.grid = grid
-        self.net = nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, grid * grid))
-        nn.init.zeros_(self.net[2].weight)
-        nn.init.zeros_(self.net[2].bias)
+        self.momentum = momentum
+        self.linear = nn.Linear(width, grid * grid)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("var", torch.ones(width))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
 
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         b, n, _ = states.shape
-        return GROUNDING_SCALE * self.net(states).view(b, n, self.grid, self.grid)
+        x = states[valid].float()  # (M, H)
+        if self.training and x.shape[0] > 1:
+            self._update(x.detach())
+        # per-dimension scale, floored at a tenth of the median spread (dimensions that barely vary stay small)
+        std = self.var.sqrt()
+        std = std.clamp(min=0.1 * float(std.median()) + 1e-6)
+        out = self.linear(((x - self.mean) / std).to(self.linear.weight.dtype))
+        maps = out.new_zeros(b, n, self.grid * self.grid).masked_scatter(valid[..., None], out)
+        return GROUNDING_SCALE * maps.view(b, n, self.grid, self.grid)
 
+    @torch.no_grad()
+    def _update(self, x: torch.Tensor) -> None:
+        mean, var = x.mean(0), x.var(0)
+        m = 1.0 if int(self.seen) == 0 else self.momentum
+        self.mean.lerp_(mean, m)
+        self.var.lerp_(var, m)
+        self.seen += 1
