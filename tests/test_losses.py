@@ -246,10 +246,10 @@ def test_grounding_maps_learn_targets_on_the_token_grid():
     assert "align" not in off.parts
 
 
-def test_grid_contrastive_term_prefers_singling_out_the_target():
+def testgrid_contrastive_term_prefers_singling_out_the_target():
     """A map that lights up the target and another object alike costs more than one that lights the target only
     (BCE + dice alone can barely tell them apart on a fine grid; the contrastive term can)."""
-    from instructseg.train.losses import _grid_contrastive
+    from instructseg.train.losses import grid_contrastive
 
     target = torch.zeros(1, 8, 8)
     target[0, 1:3, 1:3] = 1
@@ -257,9 +257,9 @@ def test_grid_contrastive_term_prefers_singling_out_the_target():
     other[0, 5:7, 5:7] = 1
     only = sharp(target > 0)
     both = sharp((target + other) > 0)
-    assert _grid_contrastive(only, target) < 0.01
-    assert _grid_contrastive(both, target) > 0.6  # half the mass sits on the other object: -log(0.5)
-    assert _grid_contrastive(both, torch.zeros(1, 8, 8)) == 0  # no target: no term
+    assert grid_contrastive(only, target) < 0.01
+    assert grid_contrastive(both, target) > 0.6  # half the mass sits on the other object: -log(0.5)
+    assert grid_contrastive(both, torch.zeros(1, 8, 8)) == 0  # no target: no term
 
 
 def test_category_heads_learn_the_pooled_category_map():

@@ -30,6 +30,9 @@ from instructseg.llm.precision import check_saveable
 
 WEIGHTS = "model.safetensors"
 _NEW_HEADS = ("category_heads.", "cell_words.", "position_prior.")  # start untrained (the prior at zero)
+# weights of modules that no longer exist, skipped on load: the first position prior, which read the object
+# embedding (docs/default_model.md, "A position prior"); a model saved with it loads without it
+_RETIRED = ("decoder.position_prior.",)
 
 
 def _own_tensors(model) -> dict[str, torch.Tensor]:
@@ -141,6 +144,7 @@ def _load_own_state(model, file: Path) -> set[str]:
         state = load_file(str(file))
     except Exception as err:  # safetensors raises its own error type for a truncated or foreign file
         raise InputError(f"{file}: not a readable safetensors file ({err})") from None
+    state = {key: value for key, value in state.items() if not key.startswith(_RETIRED)}
     expected = _own_tensors(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     missing = [key for key in missing if not key.startswith(_NEW_HEADS)]  # these start untrained

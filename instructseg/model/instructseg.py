@@ -165,9 +165,10 @@ class InstructSegModel(nn.Module):
         return embeds
 
     # -- prompts for the decoder ----------------------------------------------------------------------------
-    def prompts(self, hidden: torch.Tensor, input_ids: torch.Tensor, instruction_mask: torch.Tensor,
-                features: FrameFeatures) -> Prompts:
-        """Decoder prompts from the last hidden states (B, L, hidden) of a full sequence."""
+    def object_states(self, hidden: torch.Tensor, input_ids: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The last hidden states (B, L, hidden) standardised (`StateNorm`), and each object slot's state: the
+        `[SEG]` (sam2) or `<mq>` (mask2former) positions in order, as slots (B, N, hidden) and valid (B, N)."""
         hidden = self.state_norm(hidden.float())  # (the LLM may run in bf16)
         token = SEG if self.config.decoder.kind == "sam2" else MQ
         where = input_ids == self.token_ids[token]
@@ -178,7 +179,12 @@ class InstructSegModel(nn.Module):
         b = hidden.shape[0]
         slots = hidden.new_zeros(b, n, hidden.shape[-1])
         valid = torch.arange(n, device=hidden.device)[None] < counts[:, None]
-        slots = slots.masked_scatter(valid[..., None], hidden[where])
+        return hidden, slots.masked_scatter(valid[..., None], hidden[where]), valid
+
+    def prompts(self, hidden: torch.Tensor, input_ids: torch.Tensor, instruction_mask: torch.Tensor,
+                features: FrameFeatures) -> Prompts:
+        """Decoder prompts from the last hidden states (B, L, hidden) of a full sequence."""
+        hidden, slots, valid = self.object_states(hidden, input_ids)
         text = self.text_norm(self.fusion(hidden.to(features.tokens.dtype), instruction_mask, features.tokens))
         objects = self.object_norm(self.object_proj(slots.to(text.dtype)), valid)
         where = None if self.position_prior is None else self.position_prior(slots, valid)

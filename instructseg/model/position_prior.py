@@ -24,8 +24,9 @@ from instructseg.decoders.base import GROUNDING_SCALE
 
 class PositionPrior(nn.Module):
     """forward(states (B, N, H), valid (B, N)) -> coarse prior logits (B, N, grid, grid), in the grounding map's
-    units (zero for invalid slots). In training, the valid states update the running mean and variance (an average
-    with `momentum`; the first batch sets them) before they are used."""
+    units (zero for invalid slots). In training, while its weights train, the valid states update the running mean and
+    variance (an average with `momentum`; the first batch sets them) before they are used; a frozen prior keeps
+    its statistics with its weights."""
 
     def __init__(self, *, width: int, grid: int, momentum: float = 0.05):
         super().__init__()
@@ -41,7 +42,7 @@ class PositionPrior(nn.Module):
     def forward(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         b, n, _ = states.shape
         x = states[valid].float()  # (M, H)
-        if self.training and x.shape[0] > 1:
+        if self.training and self.linear.weight.requires_grad and x.shape[0] > 1:  # frozen: statistics too
             self._update(x.detach())
         # per-dimension scale, floored at a tenth of the median spread (dimensions that barely vary stay small)
         std = self.var.sqrt()
@@ -49,6 +50,12 @@ class PositionPrior(nn.Module):
         out = self.linear(((x - self.mean) / std).to(self.linear.weight.dtype))
         maps = out.new_zeros(b, n, self.grid * self.grid).masked_scatter(valid[..., None], out)
         return GROUNDING_SCALE * maps.view(b, n, self.grid, self.grid)
+
+    @torch.no_grad()
+    def set_statistics(self, states: torch.Tensor) -> None:
+        """Set the running mean and variance to those of `states` (M, H), as if they were the first batch."""
+        self.seen.zero_()
+        self._update(states.float())
 
     @torch.no_grad()
     def _update(self, x: torch.Tensor) -> None:

@@ -332,15 +332,15 @@ def _align_loss(outputs: InstructSegOutput, target_masks: list[torch.Tensor], pa
                          torch.zeros(outputs.mask_logits.shape[-2:], dtype=torch.bool, device=text.device)
                          for t in target_masks]).to(text.device)
     union = F.adaptive_avg_pool2d(union[:, None].float(), size)[:, 0]
-    loss = sigmoid_bce(text, union) + dice_loss(text, union) + _grid_contrastive(text, union)
+    loss = sigmoid_bce(text, union) + dice_loss(text, union) + grid_contrastive(text, union)
     objects = outputs.object_align_logits[pair_idx[:, 0], pair_idx[:, 1]]
     if objects.shape[0] > 0:
         tgt = F.adaptive_avg_pool2d(pair_targets[:, None].float(), size)[:, 0]
-        loss = loss + sigmoid_bce(objects, tgt) + dice_loss(objects, tgt) + _grid_contrastive(objects, tgt)
+        loss = loss + sigmoid_bce(objects, tgt) + dice_loss(objects, tgt) + grid_contrastive(objects, tgt)
     return loss
 
 
-def _grid_contrastive(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def grid_contrastive(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """-log(softmax mass on the target) per map, averaged over maps with a target; logits, targets (M, h, w)."""
     logits, targets = logits.float().flatten(1), targets.flatten(1)
     has = targets.sum(1) > 0

@@ -102,6 +102,20 @@ class EncoderStage:
 
 
 @dataclass
+class PriorStage:
+    """Before the joint training of a fresh run (skipped on resume): the position prior fitted alone on the frozen
+    model's states and maps for `samples` samples of `data` (`instructseg.train.prior_stage`); needs a model with
+    `decoder.position_prior`."""
+
+    samples: int = 0  # samples collected (image sentences, video expressions; 0: no stage)
+    steps: int = 300
+    batch_size: int = 256  # objects per step
+    lr: float = 1.0e-3
+    warmup_steps: int = 20
+    data: list[DataSource] = field(default_factory=list)  # sources with masks (any kind but chat)
+
+
+@dataclass
 class Recipe:
     model: str = "tiny"
     model_overrides: list[str] = field(default_factory=list)
@@ -109,6 +123,7 @@ class Recipe:
     data: list[DataSource] = field(default_factory=list)
     train: TrainSettings = field(default_factory=TrainSettings)
     encoders: EncoderStage = field(default_factory=EncoderStage)
+    prior: PriorStage = field(default_factory=PriorStage)
     output_dir: str = "runs/default"
     recipe_dir: str = "."  # set by load_recipe: where relative DeepSpeed config paths also resolve
 
@@ -135,12 +150,21 @@ def _recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
     sources, synth = _pop_data(data, source, "")
     encoders = dict(data.pop("encoders", None) or {})
     encoder_sources, encoder_synth = _pop_data(encoders, source, "encoders.")
+    prior = dict(data.pop("prior", None) or {})
+    prior_sources, prior_synth = _pop_data(prior, source, "prior.")
+    if prior_synth is not None:
+        raise InputError(f"{source}: prior.synth is not supported; generate the data in the recipe's synth")
     recipe = build_dataclass(Recipe, data, source)
     recipe.data, recipe.synth = sources, synth
     recipe.encoders = build_dataclass(EncoderStage, encoders, f"{source} encoders")
     recipe.encoders.data, recipe.encoders.synth = encoder_sources, encoder_synth
+    recipe.prior = build_dataclass(PriorStage, prior, f"{source} prior")
+    recipe.prior.data = prior_sources
     ModelConfig().override(recipe.model_overrides)  # names and types checked now, not after data generation
-    for name in ("steps", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
+    stages = recipe.encoders.steps > 0 or recipe.prior.samples > 0
+    if recipe.train.steps < (0 if stages else 1):  # train.steps 0: the stages alone, then the export
+        raise InputError(f"{source}: train.steps must be at least {0 if stages else 1}, got {recipe.train.steps}")
+    for name in ("batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
         if getattr(recipe.train, name) < 1:
             raise InputError(f"{source}: train.{name} must be at least 1, got {getattr(recipe.train, name)}")
     if recipe.train.workers < 0:
@@ -152,6 +176,13 @@ def _recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
         raise InputError(f"{source}: the recipe lists no data sources")
     if recipe.encoders.steps > 0 and not recipe.encoders.data:
         raise InputError(f"{source}: encoders.steps={recipe.encoders.steps} but encoders.data lists no sources")
+    if recipe.prior.samples > 0:
+        p = recipe.prior
+        if not p.data:
+            raise InputError(f"{source}: prior.samples={p.samples} but prior.data lists no sources")
+        if p.steps < 1 or p.batch_size < 1 or p.lr <= 0 or p.warmup_steps < 0:
+            raise InputError(f"{source}: prior.steps and prior.batch_size must be at least 1, prior.lr > 0 and "
+                             f"prior.warmup_steps >= 0; got {p.steps}, {p.batch_size}, {p.lr}, {p.warmup_steps}")
     return recipe
 
 

@@ -168,6 +168,8 @@ class Trainer:
         model.train()
         if recipe.encoders.steps > 0:
             self._encoder_stage(model)
+        if recipe.prior.samples > 0:
+            self._prior_stage(model)
         _freeze(model, recipe.train.freeze)
         self.model = model
         self.cuda = self.device.type == "cuda"
@@ -212,6 +214,31 @@ class Trainer:
             save_result(model, self.out / RESULT, self.recipe.encoders.train)
             print(f"encoder stage: category loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}",
                   flush=True)
+        dist.barrier()
+
+    def _prior_stage(self, model) -> None:
+        """Run the stage on a fresh run; on a resumed one, load its result (every rank computes the same fit)."""
+        import torch.distributed as dist
+
+        from instructseg.train.prior_stage import RESULT, collect, fit, load_result, save_result
+
+        if ckpt.latest_complete(self.root) is not None:
+            load_result(model, self.out / RESULT)
+            return
+        stage, log = self.recipe.prior, None
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            log = self.out / "prior.jsonl"
+            log.unlink(missing_ok=True)  # an interrupted stage starts again
+            print(f"prior stage: collecting {stage.samples} samples", flush=True)
+        model.to(self.device)
+        cache = collect(model, stage.data, stage.samples, seed=self.recipe.train.seed, device=self.device,
+                        jump=self.recipe.train.jump, progress=self.rank == 0)
+        losses = fit(model.position_prior, cache.to(self.device), stage, seed=self.recipe.train.seed, log_path=log)
+        if self.rank == 0:
+            save_result(model, self.out / RESULT)
+            tail = losses[-20:]
+            print(f"prior stage: {len(cache)} objects, loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f}", flush=True)
         dist.barrier()
 
     def _data(self, model, collate):

@@ -1,0 +1,215 @@
+"""The prior stage of a recipe: the position prior (`instructseg.model.position_prior`) fitted alone, on the frozen
+model's own states and maps, before any joint training.
+
+Why: trained inside joint training, the prior sees 8 sentences a step, each with a step that also moves the rest of
+the model; on a CPU that is ~5 s per step, and in 600 steps a linear prior learnt position words only to half a
+logit, while a faster LR made its maps chase each sample's target (docs/default_model.md). With everything else
+frozen, what the prior needs from a sentence does not change while it trains: the object's `[SEG]` state, the
+cosine grounding map of its embedding and the mask logits SAM2 decodes for it without the prior. The stage collects
+those once (`collect`: one no-gradient pass per sentence) and then fits the prior on them in large batches
+(`fit`: hundreds of steps of hundreds of sentences in seconds). The mask logits are exact, not an approximation:
+the prior is added to the grounding map, which is added (bilinearly upsampled) to SAM2's mask logits after its mask
+decoder, so the decoder's output with the prior is the output without it plus the upsampled prior.
+
+The loss is the joint training's on these maps: mask BCE + dice (at a quarter of the decoder's resolution) and the
+grounding loss (BCE + dice + in-image contrastive on the coarse grid), with the same weights. Objects SAM2 scores
+absent are left out (their masks are gated to a constant the prior cannot move). The stage's result is written to
+`OUTPUT/prior.safetensors`; a run that resumes from a checkpoint loads it instead of running the stage again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from instructseg.errors import InputError
+from instructseg.llm.precision import native_bf16
+from instructseg.train.losses import LossWeights, grid_contrastive, dice_loss, sigmoid_bce
+
+RESULT = "prior.safetensors"
+MASK_SCALE = 4  # the mask term is computed at 1/4 of the decoder's resolution (SAM2's own low-res masks)
+
+
+@dataclasses.dataclass
+class PriorCache:
+    """Per object: states (M, H) standardised `[SEG]` states; cosine (M, h, w) grounding logits without the prior;
+    masks (M, s, s) SAM2's mask logits without the prior; mask_targets (M, s, s) and grid_targets (M, h, w): the
+    object's mask as area fractions at those sizes."""
+
+    states: torch.Tensor
+    cosine: torch.Tensor
+    masks: torch.Tensor
+    mask_targets: torch.Tensor
+    grid_targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+    def rows(self, index: torch.Tensor) -> "PriorCache":
+        return PriorCache(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+    def to(self, device: torch.device) -> "PriorCache":
+        return PriorCache(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+
+def _datasets(sources, *, seed: int, num_ref_frames: int, jump: int) -> list:
+    from instructseg.data.training import build_source
+
+    out = []
+    for source in sources:
+        if source.kind == "chat":
+            raise InputError("prior.data: source kind 'chat' has no masks; use image sentences or video expressions")
+        out.append((build_source(source.kind, Path(source.root), source.split, num_ref_frames=num_ref_frames,
+                                 jump=jump, seed=seed), source.ratio))
+    if not out:
+        raise InputError("prior.data: no sources")
+    return out
+
+
+def _picks(datasets: list, count: int, seed: int) -> list[tuple[int, int]]:
+    """(dataset, index) pairs: `count` in all, shared among the sources by ratio, each source's drawn without
+    repetition (all of it when it is smaller than its share)."""
+    rng = random.Random(seed)
+    total = sum(ratio for _, ratio in datasets)
+    picks = []
+    for d, (dataset, ratio) in enumerate(datasets):
+        order = list(range(len(dataset)))
+        rng.shuffle(order)
+        picks += [(d, i) for i in order[:max(1, round(count * ratio / total))]]
+    rng.shuffle(picks)
+    return picks
+
+
+@torch.no_grad()
+def collect(model, sources, count: int, *, seed: int, device: torch.device, jump: int = 4,
+            batch_size: int = 8, progress: bool = False) -> PriorCache:
+    """Run the frozen model over `count` samples of `sources` (image sentences, or video expressions on a key frame
+    with its reference frames; teacher-forced, as in training) and keep, for every object SAM2 scores present on
+    the key frame, what `fit` needs."""
+    from instructseg.data.collate import Collator
+
+    if model.position_prior is None:
+        raise InputError("prior: the model has no position prior; add decoder.position_prior=G to model_overrides")
+    if not hasattr(model.decoder, "sam"):
+        raise InputError("prior: the prior stage needs the sam2 decoder (it adds the prior to SAM2's mask logits)")
+    datasets = _datasets(sources, seed=seed, num_ref_frames=model.config.perceiver.num_ref_frames, jump=jump)
+    picks = _picks(datasets, count, seed)
+    collate = Collator(model.layout, model.decoder.image_size, model.tokenizer.pad_token_id)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=native_bf16(device))
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {f.name: [] for f in dataclasses.fields(PriorCache)}
+    try:
+        for start in tqdm(range(0, len(picks), batch_size), desc="prior stage", unit="batch", disable=not progress,
+                          dynamic_ncols=True):
+            samples = [datasets[d][0].sample(i, 0) for d, i in picks[start:start + batch_size]]
+            inputs, masks, _ = collate(samples)
+            inputs = inputs.to(device)
+            with autocast:
+                features = model.decoder.encode(inputs.frames)
+                key = model.visual_tokens(inputs.frames)
+                words = model.cell_word_logits(key, features) if model.cell_words is not None else None
+                out = model.llm(inputs_embeds=model.embed(inputs, key, features, words),
+                                attention_mask=inputs.attention_mask, output_hidden_states=True, logits_to_keep=1)
+                _, states, valid = model.object_states(out.hidden_states[-1], inputs.input_ids)
+                prompts = model.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
+                decoded = model.decoder.decode(features, dataclasses.replace(prompts, position_logits=None))
+                cosine = features.grounding(prompts.object_embeds)
+            size = decoded.mask_logits.shape[-1] // MASK_SCALE
+            low = F.avg_pool2d(decoded.mask_logits.float().flatten(0, 1)[:, None], MASK_SCALE)[:, 0]
+            low = low.view(*decoded.mask_logits.shape[:2], size, size)
+            for b, target in enumerate(masks):
+                for m in range(target.shape[0]):
+                    if not bool(valid[b, m]) or float(decoded.score_logits[b, m]) <= 0:
+                        continue
+                    t = target[m][None, None].float()
+                    parts["states"].append(states[b, m].float().cpu())
+                    parts["cosine"].append(cosine[b, m].float().cpu())
+                    parts["masks"].append(low[b, m].cpu())
+                    parts["mask_targets"].append(F.adaptive_avg_pool2d(t, size)[0, 0])
+                    parts["grid_targets"].append(F.adaptive_avg_pool2d(t, features.size)[0, 0])
+    finally:
+        model.train(was_training)
+    if not parts["states"]:
+        raise InputError("prior.data: no sample gave an object the model scores present; nothing to fit")
+    return PriorCache(**{name: torch.stack(values) for name, values in parts.items()})
+
+
+def prior_loss(prior, cache: PriorCache, weights: LossWeights = LossWeights()) -> torch.Tensor:
+    """The joint training's mask and grounding losses on the cached maps with `prior`'s maps added."""
+    coarse = prior(cache.states[:, None], torch.ones(len(cache), 1, dtype=torch.bool, device=cache.states.device))
+    grid = cache.cosine + F.interpolate(coarse[:, 0:1].float(), size=cache.cosine.shape[-2:], mode="bilinear",
+                                        align_corners=False)[:, 0]
+    masks = cache.masks + F.interpolate(grid[:, None], size=cache.masks.shape[-2:], mode="bilinear",
+                                        align_corners=False)[:, 0]
+    mask = weights.mask * sigmoid_bce(masks, cache.mask_targets) + weights.dice * dice_loss(masks, cache.mask_targets)
+    align = (sigmoid_bce(grid, cache.grid_targets) + dice_loss(grid, cache.grid_targets)
+             + grid_contrastive(grid, cache.grid_targets))
+    return mask + weights.align * align
+
+
+def fit(prior, cache: PriorCache, stage, *, seed: int, log_path: Path | None = None) -> list[float]:
+    """Fit `prior` (the model's position prior) on `cache`: its running statistics are set to the cached states'
+    first, then `stage.steps` AdamW steps on batches of `stage.batch_size` objects (warm-up, cosine decay to a
+    tenth). Returns the losses."""
+    prior.set_statistics(cache.states)
+    params = [p for p in prior.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(stage.warmup_steps, 1))
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(stage.steps, 1))))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    generator = torch.Generator().manual_seed(seed)
+    was_training, losses = prior.training, []
+    prior.eval()  # the statistics stay those of the cache
+    log = open(log_path, "a") if log_path is not None else None
+    try:
+        for step in range(1, stage.steps + 1):
+            rows = torch.randint(len(cache), (min(stage.batch_size, len(cache)),), generator=generator)
+            rows = rows.to(cache.states.device)
+            loss = prior_loss(prior, cache.rows(rows))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            if log is not None:
+                log.write(json.dumps({"prior_step": step, "time": time.time(), "loss": losses[-1]}) + "\n")
+                log.flush()
+    finally:
+        if log is not None:
+            log.close()
+        prior.train(was_training)
+    return losses
+
+
+def save_result(model, path: Path) -> None:
+    from safetensors.torch import save
+
+    from instructseg.atomic import write_bytes
+
+    state = {name: value.detach().contiguous().cpu() for name, value in model.position_prior.state_dict().items()}
+    write_bytes(path, save(state))
+
+
+def load_result(model, path: Path) -> None:
+    """Put a finished stage's prior back into `model` (a resumed run)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"{path}: missing; this run's checkpoints were trained after its prior stage and need its "
+                         "result (remove the checkpoints to start again)")
+    state = load_file(str(path))
+    own = model.position_prior.state_dict()
+    if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):
+        raise InputError(f"{path}: does not match the model's position prior (was it written for another model?)")
+    model.position_prior.load_state_dict(state)

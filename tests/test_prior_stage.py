@@ -1,0 +1,132 @@
+"""The prior stage: the position prior fitted alone on the frozen model's cached states and maps."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from instructseg.config import preset
+from instructseg.errors import InputError
+from instructseg.model.instructseg import InstructSegModel
+from instructseg.train.recipe import DataSource, PriorStage, load_recipe
+
+
+def _tiny_with_prior(grid: int = 4) -> InstructSegModel:
+    """The tiny random model with a position prior, its SAM2 made to score every object present (a random presence
+    head gates most masks away, and gated objects are what the stage leaves out)."""
+    torch.manual_seed(0)
+    model = InstructSegModel(preset("tiny").override([f"decoder.position_prior={grid}"])).eval()
+    with torch.no_grad():
+        model.decoder.sam.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(20.0)
+    return model
+
+
+def test_the_prior_adds_to_the_decoders_mask_logits_exactly():
+    """What the stage relies on: SAM2's mask logits with a prior are those without it plus the prior, upsampled
+    to the grounding grid and then to the mask (so caching the masks without the prior loses nothing)."""
+    from instructseg.decoders.base import Prompts, upsample_prior
+
+    model = _tiny_with_prior()
+    dec = model.decoder
+    size = dec.image_size
+    with torch.no_grad():
+        features = dec.encode(torch.rand(2, 3, size, size))
+        prompts = Prompts(object_embeds=torch.randn(2, 2, dec.hidden_dim), object_valid=torch.ones(2, 2, dtype=bool),
+                          text_embed=torch.randn(2, dec.hidden_dim), position_logits=3 * torch.randn(2, 2, 4, 4))
+        with_prior = dec.decode(features, prompts)
+        without = dec.decode(features, dataclasses.replace(prompts, position_logits=None))
+    present = with_prior.score_logits > 0
+    assert bool(present.all())
+    assert torch.equal(with_prior.score_logits, without.score_logits)  # the prior moves masks, not presence
+    low = size // 4
+    grid = upsample_prior(prompts.position_logits, features.size)
+    added = F.interpolate(F.interpolate(grid.flatten(0, 1)[:, None], size=(low, low), mode="bilinear",
+                                        align_corners=False), size=(size, size), mode="bilinear", align_corners=False)
+    diff = (with_prior.mask_logits - without.mask_logits)[present]
+    assert torch.allclose(diff, added.view(2, 2, size, size)[present], atol=1e-4)
+    assert float(diff.abs().max()) > 0.5  # (a prior that does nothing would pass the line above trivially)
+
+
+def test_collect_and_fit_lower_the_loss_and_set_the_statistics(synth_root):
+    from instructseg.train.prior_stage import collect, fit, prior_loss
+
+    model = _tiny_with_prior()
+    sources = [DataSource(kind="refcoco", root=str(synth_root / "refcoco"), ratio=2),
+               DataSource(kind="revos", root=str(synth_root / "revos"))]  # key frames of video expressions too
+    cache = collect(model, sources, 12, seed=0, device=torch.device("cpu"))
+    m = len(cache)
+    assert m > 0
+    assert cache.states.shape == (m, model.llm.config.hidden_size)
+    s = model.decoder.image_size // 4
+    assert cache.masks.shape == cache.mask_targets.shape == (m, s, s)
+    assert cache.cosine.shape == cache.grid_targets.shape
+    assert float(cache.mask_targets.max()) == 1.0 and float(cache.mask_targets.min()) == 0.0
+    prior = model.position_prior
+    with torch.no_grad():
+        before = float(prior_loss(prior, cache))  # the prior starts at zero: the model's own maps
+    losses = fit(prior, cache, PriorStage(steps=60, batch_size=64, lr=1e-2, warmup_steps=1), seed=0)
+    assert len(losses) == 60
+    with torch.no_grad():
+        after = float(prior_loss(prior, cache))
+    assert after < before - 0.05, (before, after)
+    assert torch.allclose(prior.mean, cache.states.mean(0), atol=1e-4)
+
+
+def test_prior_stage_errors(tmp_path, synth_root):
+    from instructseg.train.prior_stage import collect
+
+    recipe = {"model": "tiny", "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco")}],
+              "output_dir": str(tmp_path / "run")}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(InputError, match=r"prior.samples=5 but prior.data lists no sources"):
+        load_recipe(path, ["prior.samples=5"])
+    with pytest.raises(InputError, match="unknown PriorStage field"):
+        load_recipe(path, ["prior.sample=5"])
+    with pytest.raises(InputError, match="train.steps must be at least 1, got 0"):
+        load_recipe(path, ["train.steps=0"])  # no stage: nothing would train
+    recipe["prior"] = {"samples": 4, "steps": 0, "data": recipe["data"]}
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(InputError, match="prior.steps and prior.batch_size must be at least 1"):
+        load_recipe(path)
+    assert load_recipe(path, ["prior.steps=3", "train.steps=0"]).prior.samples == 4  # the stage alone is a run
+    device = torch.device("cpu")
+    with pytest.raises(InputError, match="no position prior; add decoder.position_prior"):
+        collect(InstructSegModel(preset("tiny")), recipe["data"], 4, seed=0, device=device)
+    chat = DataSource(kind="chat", root=str(synth_root / "chat"))
+    with pytest.raises(InputError, match="source kind 'chat' has no masks"):
+        collect(_tiny_with_prior(), [chat], 4, seed=0, device=device)
+
+
+@pytest.mark.slow
+def test_recipe_runs_the_prior_stage_and_a_resume_loads_it(tmp_path, synth_root):
+    """`instructseg train` with a prior section: the stage runs before the joint steps and its prior is what the
+    exported model holds (frozen here); a resumed run loads prior.safetensors instead of fitting again."""
+    from safetensors.torch import load_file
+
+    from tests.test_training import _recipe, _train
+
+    recipe = _recipe(tmp_path, synth_root, steps=1, save_every=1, freeze=["position_prior", "vision"])
+    data = yaml.safe_load(recipe.read_text())
+    base = tmp_path / "base"
+    _tiny_with_prior().save_pretrained(base)  # (its SAM2 scores objects present, see _tiny_with_prior)
+    data["model"] = str(base)
+    data["prior"] = {"samples": 10, "steps": 25, "batch_size": 32, "lr": 1e-2, "warmup_steps": 1,
+                     "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco"), "split": "train"}]}
+    recipe.write_text(yaml.safe_dump(data))
+    result = _train([str(recipe)])
+    assert "prior stage: collecting 10 samples" in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "prior.jsonl").read_text().splitlines()]
+    assert [r["prior_step"] for r in rows] == list(range(1, 26))
+    stage = load_file(str(tmp_path / "run" / "prior.safetensors"))
+    final = InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict()
+    assert float(stage["linear.weight"].abs().max()) > 0
+    assert all(torch.equal(value, final["position_prior." + key]) for key, value in stage.items())
+    result = _train([str(recipe), "train.steps=2"])
+    assert "prior stage" not in result.stdout and "resuming from" in result.stdout
+    final = InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict()
+    assert all(torch.equal(value, final["position_prior." + key]) for key, value in stage.items())
