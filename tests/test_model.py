@@ -527,8 +527,8 @@ def test_position_prior_reads_the_seg_state_starts_as_a_no_op_and_moves_the_grou
 
 def test_position_prior_centres_states_with_running_statistics_of_valid_slots_only():
     """The prior reads states centred and scaled by running statistics: the first training batch sets them from its
-    valid slots (padding ignored), later batches move them by `momentum`, evaluation only reads them; a shared
-    component of every state (what made the maps the same for every sentence) is removed."""
+    valid slots (padding ignored), later batches move them by `momentum`, evaluation and a frozen prior only read
+    them; a shared component of every state (what made the maps the same for every sentence) is removed."""
     from instructseg.model.position_prior import PositionPrior
 
     torch.manual_seed(0)
@@ -538,8 +538,7 @@ def test_position_prior_centres_states_with_running_statistics_of_valid_slots_on
     valid = torch.tensor([[True, True, False], [True, False, False]])
     states[~valid] = 1000.0  # padding must not enter the statistics
     torch.nn.init.normal_(prior.linear.weight)
-    prior.requires_grad_(False)
-    out = prior(states, valid)
+    out = prior(states, valid).detach()
     torch.testing.assert_close(prior.mean, states[valid].mean(0))
     torch.testing.assert_close(prior.var, states[valid].var(0))
     assert float(out[~valid].abs().max()) == 0.0
@@ -552,3 +551,6 @@ def test_position_prior_centres_states_with_running_statistics_of_valid_slots_on
     frozen = prior.mean.clone()
     prior(shared + torch.randn(2, 3, 16), torch.ones(2, 3, dtype=torch.bool))
     assert torch.equal(prior.mean, frozen) and int(prior.seen) == 3  # only training batches counted
+    prior.train().requires_grad_(False)  # frozen in training (train.freeze): the statistics stay with the weights
+    prior(shared + 5 + torch.randn(2, 3, 16), torch.ones(2, 3, dtype=torch.bool))
+    assert torch.equal(prior.mean, frozen) and int(prior.seen) == 3

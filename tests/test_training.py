@@ -149,8 +149,9 @@ def test_shipped_recipes_load(path):
     from instructseg.train.recipe import load_recipe
 
     recipe = load_recipe(path)
-    assert recipe.train.steps > 0 and recipe.data and all(s.ratio > 0 for s in recipe.data)
-    for source in recipe.data:
+    stages = recipe.encoders.steps > 0 or recipe.prior.samples > 0
+    assert (recipe.train.steps > 0 or stages) and recipe.data and all(s.ratio > 0 for s in recipe.data)
+    for source in recipe.data + recipe.encoders.data + recipe.prior.data:
         root = Path(source.root)
         assert not root.is_absolute() and (REPO / root).resolve().is_relative_to(REPO), source.root
 

@@ -20,10 +20,7 @@ weights.
 """
 from __future__ import annotations
 
-import json
-import math
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +32,7 @@ from instructseg.data.training import REFCOCO_SPLIT_BY, load_rgb
 from instructseg.errors import InputError
 from instructseg.llm.precision import native_bf16
 from instructseg.train.losses import category_loss, word_losses, word_maps
+from instructseg.train.stage_steps import run_steps
 
 RESULT = "encoders.safetensors"
 
@@ -127,41 +125,25 @@ def train_encoders(model, stage, *, seed: int, device: torch.device, log_path: P
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=stage.lr)
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(stage.warmup_steps, 1))
-        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(stage.steps, 1))))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     rng = random.Random(seed)
     size = model.decoder.image_size
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=native_bf16(device))
-    was_training, losses = model.training, []
+
+    def loss_at(step: int) -> torch.Tensor:
+        frames, maps, attributes = _batch(images, [rng.randrange(len(images)) for _ in range(stage.batch_size)],
+                                          size, rng)
+        return _loss(model, frames.to(device), maps.to(device),
+                     attributes.to(device) if attributes is not None else None, autocast)
+
+    was_training = model.training
     model.train()
-    log = open(log_path, "a") if log_path is not None else None
     try:
-        for step in range(1, stage.steps + 1):
-            frames, maps, attributes = _batch(images, [rng.randrange(len(images)) for _ in range(stage.batch_size)],
-                                              size, rng)
-            loss = _loss(model, frames.to(device), maps.to(device),
-                         attributes.to(device) if attributes is not None else None, autocast)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-            if log is not None:
-                log.write(json.dumps({"encoder_step": step, "time": time.time(), "loss": losses[-1]}) + "\n")
-                log.flush()
+        return run_steps(params, steps=stage.steps, lr=stage.lr, warmup_steps=stage.warmup_steps, loss_at=loss_at,
+                         log_path=log_path, name="encoder")
     finally:
-        if log is not None:
-            log.close()
         model.train(was_training)
-        optimizer.zero_grad(set_to_none=True)
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return losses
 
 
 def _loss(model, frames: torch.Tensor, maps: torch.Tensor, attributes: torch.Tensor | None, autocast) -> torch.Tensor:

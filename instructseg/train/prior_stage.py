@@ -19,10 +19,7 @@ absent are left out (their masks are gated to a constant the prior cannot move).
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import random
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +28,8 @@ from tqdm import tqdm
 
 from instructseg.errors import InputError
 from instructseg.llm.precision import native_bf16
-from instructseg.train.losses import LossWeights, grid_contrastive, dice_loss, sigmoid_bce
+from instructseg.train.losses import LossWeights, dice_loss, grid_contrastive, sigmoid_bce
+from instructseg.train.stage_steps import run_steps
 
 RESULT = "prior.safetensors"
 MASK_SCALE = 4  # the mask term is computed at 1/4 of the decoder's resolution (SAM2's own low-res masks)
@@ -160,36 +158,19 @@ def fit(prior, cache: PriorCache, stage, *, seed: int, log_path: Path | None = N
     first, then `stage.steps` AdamW steps on batches of `stage.batch_size` objects (warm-up, cosine decay to a
     tenth). Returns the losses."""
     prior.set_statistics(cache.states)
-    params = [p for p in prior.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(stage.warmup_steps, 1))
-        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(stage.steps, 1))))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generator = torch.Generator().manual_seed(seed)
-    was_training, losses = prior.training, []
+
+    def loss_at(step: int) -> torch.Tensor:
+        rows = torch.randint(len(cache), (min(stage.batch_size, len(cache)),), generator=generator)
+        return prior_loss(prior, cache.rows(rows.to(cache.states.device)))
+
+    was_training = prior.training
     prior.eval()  # the statistics stay those of the cache
-    log = open(log_path, "a") if log_path is not None else None
     try:
-        for step in range(1, stage.steps + 1):
-            rows = torch.randint(len(cache), (min(stage.batch_size, len(cache)),), generator=generator)
-            rows = rows.to(cache.states.device)
-            loss = prior_loss(prior, cache.rows(rows))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-            if log is not None:
-                log.write(json.dumps({"prior_step": step, "time": time.time(), "loss": losses[-1]}) + "\n")
-                log.flush()
+        return run_steps(list(prior.parameters()), steps=stage.steps, lr=stage.lr, warmup_steps=stage.warmup_steps,
+                         loss_at=loss_at, log_path=log_path, name="prior", weight_decay=0.0)
     finally:
-        if log is not None:
-            log.close()
         prior.train(was_training)
-    return losses
 
 
 def save_result(model, path: Path) -> None:
