@@ -93,8 +93,8 @@ class DecoderConfig:
     # sam2: tracked frames take the decoder's single-mask output (the one the mask loss trains) rather than the
     # multi-mask output SAM2's IoU head picks; False keeps SAM2's own choice (models trained that way)
     single_mask_tracking: bool = False
-    # > 0 adds a position prior (instructseg.model.position_prior): each object's standardised [SEG] state also
-    # predicts a grid x grid map of logits over the frame, added to its grounding map ("at the bottom", "on the
+    # > 0 adds a position prior (instructseg.model.position_prior): the instruction's mean word embedding predicts
+    # a grid x grid map of logits over the frame, added to each object's grounding map ("at the bottom", "on the
     # left"; sam2 adds that map to the object's mask logits too)
     position_prior: int = 0
     num_queries: int = 4  # mask queries the LLM produces (mask2former; 0 disables them for sam2)

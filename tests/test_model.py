@@ -474,11 +474,11 @@ def test_backward_reference_frames_are_tracked_from_the_key_frame_outwards(monke
     assert torch.equal(out.track_mask_logits[1], in_track_order[1].flip(0))
 
 
-def test_position_prior_reads_the_seg_state_starts_as_a_no_op_and_moves_the_grounding_where_it_points(tmp_path):
-    """decoder.position_prior adds a per-object map of logits, predicted from the object's standardised [SEG] state,
-    to its grounding map: a model saved without it loads with it (override) and gives exactly the same outputs until
-    the prior is trained; a prior that favours the bottom rows raises the grounding and the mask logits there and
-    nowhere else; different states give different maps; it saves and loads exactly."""
+def test_position_prior_reads_the_instruction_starts_as_a_no_op_and_moves_the_grounding_where_it_points(tmp_path):
+    """decoder.position_prior adds a per-object map of logits, predicted from the mean word embedding of the
+    instruction, to its grounding map: a model saved without it loads with it (override) and gives exactly the same
+    outputs until the prior is trained; a prior that favours the bottom rows raises the grounding and the mask
+    logits there and nowhere else; different instructions give different maps; it saves and loads exactly."""
     torch.manual_seed(0)
     plain = InstructSegModel(preset("tiny")).eval()
     plain.save_pretrained(tmp_path / "plain")
@@ -495,15 +495,17 @@ def test_position_prior_reads_the_seg_state_starts_as_a_no_op_and_moves_the_grou
     with torch.no_grad():
         prior.linear.bias.copy_(torch.tensor([0.0] * 12 + [1.0] * 4))  # 4 x 4 grid: the bottom row
         moved = model(inputs)
-        hidden = model.llm(inputs_embeds=model.embed(inputs), attention_mask=inputs.attention_mask,
-                           output_hidden_states=True).hidden_states[-1]
-    states = model.state_norm(hidden.float())[inputs.input_ids == model.token_ids[SEG]]
-    torch.testing.assert_close(seen[0][moved.object_valid], states)  # what it reads: each object's [SEG] state
+    table = model.llm.get_input_embeddings()
+    words = []
+    for ids, mask, valid in zip(inputs.input_ids, inputs.instruction_mask, moved.object_valid):
+        words += [table(ids[mask]).float().mean(0)] * int(valid.sum())
+    states = torch.stack(words)
+    torch.testing.assert_close(seen[0][moved.object_valid], states)  # what it reads: the instruction's words
     rise = (moved.object_align_logits - before.object_align_logits)[before.object_valid]  # (M, h, w)
     h = rise.shape[-2]
     assert float(rise[:, : h // 2].abs().max()) < 1e-4  # the top half is untouched
     assert float(rise[:, -1].min()) > 5.0  # the bottom row gains ~GROUNDING_SCALE logits
-    # different states, different maps; what SAM2 adds to its mask logits is the grounding plus that map
+    # different instructions, different maps; what SAM2 adds to its mask logits is the grounding plus that map
     with torch.no_grad():
         prior.linear.weight.normal_(0, 0.5)
         features = model.decoder.encode(inputs.frames).select([0])

@@ -60,7 +60,7 @@ def test_collect_and_fit_lower_the_loss_and_set_the_statistics(synth_root):
     cache = collect(model, sources, 12, seed=0, device=torch.device("cpu"))
     m = len(cache)
     assert m > 0
-    assert cache.states.shape == (m, model.llm.config.hidden_size)
+    assert cache.words.shape == (m, model.llm.config.hidden_size)
     s = model.decoder.image_size // 4
     assert cache.masks.shape == cache.mask_targets.shape == (m, s, s)
     assert cache.cosine.shape == cache.grid_targets.shape
@@ -73,7 +73,7 @@ def test_collect_and_fit_lower_the_loss_and_set_the_statistics(synth_root):
     with torch.no_grad():
         after = float(prior_loss(prior, cache))
     assert after < before - 0.05, (before, after)
-    assert torch.allclose(prior.mean, cache.states.mean(0), atol=1e-4)
+    assert torch.allclose(prior.mean, cache.words.mean(0), atol=1e-4)
 
 
 def test_prior_stage_errors(tmp_path, synth_root):

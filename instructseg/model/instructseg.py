@@ -165,10 +165,9 @@ class InstructSegModel(nn.Module):
         return embeds
 
     # -- prompts for the decoder ----------------------------------------------------------------------------
-    def object_states(self, hidden: torch.Tensor, input_ids: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The last hidden states (B, L, hidden) standardised (`StateNorm`), and each object slot's state: the
-        `[SEG]` (sam2) or `<mq>` (mask2former) positions in order, as slots (B, N, hidden) and valid (B, N)."""
+    def prompts(self, hidden: torch.Tensor, input_ids: torch.Tensor, instruction_mask: torch.Tensor,
+                features: FrameFeatures) -> Prompts:
+        """Decoder prompts from the last hidden states (B, L, hidden) of a full sequence."""
         hidden = self.state_norm(hidden.float())  # (the LLM may run in bf16)
         token = SEG if self.config.decoder.kind == "sam2" else MQ
         where = input_ids == self.token_ids[token]
@@ -179,16 +178,21 @@ class InstructSegModel(nn.Module):
         b = hidden.shape[0]
         slots = hidden.new_zeros(b, n, hidden.shape[-1])
         valid = torch.arange(n, device=hidden.device)[None] < counts[:, None]
-        return hidden, slots.masked_scatter(valid[..., None], hidden[where]), valid
-
-    def prompts(self, hidden: torch.Tensor, input_ids: torch.Tensor, instruction_mask: torch.Tensor,
-                features: FrameFeatures) -> Prompts:
-        """Decoder prompts from the last hidden states (B, L, hidden) of a full sequence."""
-        hidden, slots, valid = self.object_states(hidden, input_ids)
+        slots = slots.masked_scatter(valid[..., None], hidden[where])
         text = self.text_norm(self.fusion(hidden.to(features.tokens.dtype), instruction_mask, features.tokens))
         objects = self.object_norm(self.object_proj(slots.to(text.dtype)), valid)
-        where = None if self.position_prior is None else self.position_prior(slots, valid)
+        where = None
+        if self.position_prior is not None:
+            words = self.instruction_words(input_ids, instruction_mask)[:, None].expand(*valid.shape, -1)
+            where = self.position_prior(words, valid)
         return Prompts(object_embeds=objects, object_valid=valid, text_embed=text, position_logits=where)
+
+    def instruction_words(self, input_ids: torch.Tensor, instruction_mask: torch.Tensor) -> torch.Tensor:
+        """(B, hidden): the mean input embedding of each sample's instruction tokens (the LLM's own word table; no
+        picture in it), what the position prior reads."""
+        words = self.llm.get_input_embeddings()(input_ids).float()
+        mask = instruction_mask[..., None].float()
+        return (words * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     # -- forward / generate ---------------------------------------------------------------------------------
     def forward(self, inputs: ModelInputs, *, track: bool | None = None) -> InstructSegOutput:

@@ -1,18 +1,19 @@
-"""A where-prior for each object: a coarse map of grounding logits predicted from the object's `[SEG]` state.
+"""A where-prior for each object: a coarse map of grounding logits predicted from the instruction's words.
 
 The grounding map of an object (its embedding against the decoder's coarse tokens) says which pixels look like the
 object; it cannot say "at the bottom" or "on the left", since the tokens' similarity to one embedding carries no
-absolute position. This head turns the object's standardised `[SEG]` state (the LLM's last hidden state, after
-`StateNorm`) into a `grid x grid` map of logits over the frame; the decoder upsamples it to its coarse grid and adds
-it to the grounding map (`MaskDecoder.grounding`), so position words can move the mask.
+absolute position. This head turns the mean input embedding of the instruction's tokens (`InstructSegModel.
+instruction_words`: the LLM's own word table, no picture in it) into a `grid x grid` map of logits over the frame;
+the decoder upsamples it to its coarse grid and adds it to the grounding map (`MaskDecoder.grounding`), so position
+words move the mask.
 
-It reads the state, not the object embedding: a held-out linear probe reads the position word of a sentence from
-the standardised `[SEG]` state 90 % of the time but from the object embedding only 34 % (chance 31 %), since the
-object projection, trained for colour and shape, drops it (docs/default_model.md, "A position prior"). The map is
-linear in the state, like the probe, after the state is centred and scaled with running statistics of the `[SEG]`
-states seen in training: `[SEG]` states share a large component (two sentences' states have cosine ~0.99), and
-without the centring the head only ever learnt that shared part (the same map for every sentence). The weights start
-at zero: a model given the head behaves exactly as before until training moves it.
+Why the words and not a state of the LLM: the object embedding drops position words (a linear probe reads them from
+it 34 % of the time, chance 31 %); the standardised `[SEG]` state keeps them (90 %) but also carries where the
+picture's word slots put the named object, and a prior fitted on it learnt that too: on fresh scenes with other
+backgrounds it pushed masks to the wrong place, and ReVOS reasoning fell 6 J&F points. Fitted on the words alone,
+the same head gained more on RefCOCO-format sentences (docs/default_model.md, "The prior stage"). The map is linear
+in the words after centring and scaling with running statistics (a large component is shared by every input). The
+weights start at zero: a model given the head behaves exactly as before until training moves it.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from instructseg.decoders.base import GROUNDING_SCALE
 
 
 class PositionPrior(nn.Module):
-    """forward(states (B, N, H), valid (B, N)) -> coarse prior logits (B, N, grid, grid), in the grounding map's
-    units (zero for invalid slots). In training, while its weights train, the valid states update the running mean and
+    """forward(inputs (B, N, H), valid (B, N)) -> coarse prior logits (B, N, grid, grid), in the grounding map's
+    units (zero for invalid slots); inputs: each object's instruction words. In training, while its weights train, the valid inputs update the running mean and
     variance (an average with `momentum`; the first batch sets them) before they are used; a frozen prior keeps
     its statistics with its weights."""
 

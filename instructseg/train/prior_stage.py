@@ -1,11 +1,12 @@
 """The prior stage of a recipe: the position prior (`instructseg.model.position_prior`) fitted alone, on the frozen
-model's own states and maps, before any joint training.
+model's own maps, before any joint training.
 
 Why: trained inside joint training, the prior sees 8 sentences a step, each with a step that also moves the rest of
 the model; on a CPU that is ~5 s per step, and in 600 steps a linear prior learnt position words only to half a
 logit, while a faster LR made its maps chase each sample's target (docs/default_model.md). With everything else
-frozen, what the prior needs from a sentence does not change while it trains: the object's `[SEG]` state, the
-cosine grounding map of its embedding and the mask logits SAM2 decodes for it without the prior. The stage collects
+frozen, what the prior needs from a sentence does not change while it trains: the instruction's words (what the
+prior reads), the cosine grounding map of the object's embedding and the mask logits SAM2 decodes for it without
+the prior. The stage collects
 those once (`collect`: one no-gradient pass per sentence) and then fits the prior on them in large batches
 (`fit`: hundreds of steps of hundreds of sentences in seconds). The mask logits are exact, not an approximation:
 the prior is added to the grounding map, which is added (bilinearly upsampled) to SAM2's mask logits after its mask
@@ -37,18 +38,18 @@ MASK_SCALE = 4  # the mask term is computed at 1/4 of the decoder's resolution (
 
 @dataclasses.dataclass
 class PriorCache:
-    """Per object: states (M, H) standardised `[SEG]` states; cosine (M, h, w) grounding logits without the prior;
+    """Per object: words (M, H) its instruction's mean word embedding (what the prior reads); cosine (M, h, w) grounding logits without the prior;
     masks (M, s, s) SAM2's mask logits without the prior; mask_targets (M, s, s) and grid_targets (M, h, w): the
     object's mask as area fractions at those sizes."""
 
-    states: torch.Tensor
+    words: torch.Tensor
     cosine: torch.Tensor
     masks: torch.Tensor
     mask_targets: torch.Tensor
     grid_targets: torch.Tensor
 
     def __len__(self) -> int:
-        return self.states.shape[0]
+        return self.words.shape[0]
 
     def rows(self, index: torch.Tensor) -> "PriorCache":
         return PriorCache(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
@@ -116,7 +117,7 @@ def collect(model, sources, count: int, *, seed: int, device: torch.device, jump
                 words = model.cell_word_logits(key, features) if model.cell_words is not None else None
                 out = model.llm(inputs_embeds=model.embed(inputs, key, features, words),
                                 attention_mask=inputs.attention_mask, output_hidden_states=True, logits_to_keep=1)
-                _, states, valid = model.object_states(out.hidden_states[-1], inputs.input_ids)
+                words = model.instruction_words(inputs.input_ids, inputs.instruction_mask)
                 prompts = model.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
                 decoded = model.decoder.decode(features, dataclasses.replace(prompts, position_logits=None))
                 cosine = features.grounding(prompts.object_embeds)
@@ -125,24 +126,24 @@ def collect(model, sources, count: int, *, seed: int, device: torch.device, jump
             low = low.view(*decoded.mask_logits.shape[:2], size, size)
             for b, target in enumerate(masks):
                 for m in range(target.shape[0]):
-                    if not bool(valid[b, m]) or float(decoded.score_logits[b, m]) <= 0:
+                    if not bool(prompts.object_valid[b, m]) or float(decoded.score_logits[b, m]) <= 0:
                         continue
                     t = target[m][None, None].float()
-                    parts["states"].append(states[b, m].float().cpu())
+                    parts["words"].append(words[b].float().cpu())
                     parts["cosine"].append(cosine[b, m].float().cpu())
                     parts["masks"].append(low[b, m].cpu())
                     parts["mask_targets"].append(F.adaptive_avg_pool2d(t, size)[0, 0])
                     parts["grid_targets"].append(F.adaptive_avg_pool2d(t, features.size)[0, 0])
     finally:
         model.train(was_training)
-    if not parts["states"]:
+    if not parts["words"]:
         raise InputError("prior.data: no sample gave an object the model scores present; nothing to fit")
     return PriorCache(**{name: torch.stack(values) for name, values in parts.items()})
 
 
 def prior_loss(prior, cache: PriorCache, weights: LossWeights = LossWeights()) -> torch.Tensor:
     """The joint training's mask and grounding losses on the cached maps with `prior`'s maps added."""
-    coarse = prior(cache.states[:, None], torch.ones(len(cache), 1, dtype=torch.bool, device=cache.states.device))
+    coarse = prior(cache.words[:, None], torch.ones(len(cache), 1, dtype=torch.bool, device=cache.words.device))
     grid = cache.cosine + F.interpolate(coarse[:, 0:1].float(), size=cache.cosine.shape[-2:], mode="bilinear",
                                         align_corners=False)[:, 0]
     masks = cache.masks + F.interpolate(grid[:, None], size=cache.masks.shape[-2:], mode="bilinear",
@@ -154,15 +155,15 @@ def prior_loss(prior, cache: PriorCache, weights: LossWeights = LossWeights()) -
 
 
 def fit(prior, cache: PriorCache, stage, *, seed: int, log_path: Path | None = None) -> list[float]:
-    """Fit `prior` (the model's position prior) on `cache`: its running statistics are set to the cached states'
+    """Fit `prior` (the model's position prior) on `cache`: its running statistics are set to the cached inputs'
     first, then `stage.steps` AdamW steps on batches of `stage.batch_size` objects (warm-up, cosine decay to a
     tenth). Returns the losses."""
-    prior.set_statistics(cache.states)
+    prior.set_statistics(cache.words)
     generator = torch.Generator().manual_seed(seed)
 
     def loss_at(step: int) -> torch.Tensor:
         rows = torch.randint(len(cache), (min(stage.batch_size, len(cache)),), generator=generator)
-        return prior_loss(prior, cache.rows(rows.to(cache.states.device)))
+        return prior_loss(prior, cache.rows(rows.to(cache.words.device)))
 
     was_training = prior.training
     prior.eval()  # the statistics stay those of the cache

@@ -192,6 +192,17 @@ class Trainer:
 
         self.step = 0
 
+    def _stage_log(self, name: str, message: str) -> Path | None:
+        """Rank 0: print `message` and return a fresh OUTPUT/`name` for the stage's losses (an interrupted stage
+        starts again); other ranks: None."""
+        if self.rank != 0:
+            return None
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = self.out / name
+        log.unlink(missing_ok=True)
+        print(message, flush=True)
+        return log
+
     def _encoder_stage(self, model) -> None:
         """Run the stage on a fresh run; on a resumed one, load its result."""
         import torch.distributed as dist
@@ -201,12 +212,7 @@ class Trainer:
         if ckpt.latest_complete(self.root) is not None:
             load_result(model, self.out / RESULT, self.recipe.encoders.train)
             return
-        log = None
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            log = self.out / "encoders.jsonl"
-            log.unlink(missing_ok=True)  # an interrupted stage starts again
-            print(f"encoder stage: {self.recipe.encoders.steps} steps", flush=True)
+        log = self._stage_log("encoders.jsonl", f"encoder stage: {self.recipe.encoders.steps} steps")
         model.to(self.device)
         losses = train_encoders(model, self.recipe.encoders, seed=self.recipe.train.seed, device=self.device,
                                 log_path=log)
@@ -225,12 +231,8 @@ class Trainer:
         if ckpt.latest_complete(self.root) is not None:
             load_result(model, self.out / RESULT)
             return
-        stage, log = self.recipe.prior, None
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            log = self.out / "prior.jsonl"
-            log.unlink(missing_ok=True)  # an interrupted stage starts again
-            print(f"prior stage: collecting {stage.samples} samples", flush=True)
+        stage = self.recipe.prior
+        log = self._stage_log("prior.jsonl", f"prior stage: collecting {stage.samples} samples")
         model.to(self.device)
         cache = collect(model, stage.data, stage.samples, seed=self.recipe.train.seed, device=self.device,
                         jump=self.recipe.train.jump, progress=self.rank == 0)
