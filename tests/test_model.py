@@ -478,7 +478,8 @@ def test_position_prior_reads_the_instruction_starts_as_a_no_op_and_moves_the_gr
     """decoder.position_prior adds a per-object map of logits, predicted from the mean word embedding of the
     instruction, to its grounding map: a model saved without it loads with it (override) and gives exactly the same
     outputs until the prior is trained; a prior that favours the bottom rows raises the grounding and the mask
-    logits there and nowhere else; different instructions give different maps; it saves and loads exactly."""
+    logits there and nowhere else; different instructions give different maps; inference leaves it out for videos;
+    it saves and loads exactly."""
     torch.manual_seed(0)
     plain = InstructSegModel(preset("tiny")).eval()
     plain.save_pretrained(tmp_path / "plain")
@@ -519,6 +520,12 @@ def test_position_prior_reads_the_instruction_starts_as_a_no_op_and_moves_the_gr
                                              align_corners=False)[:, 0]
         torch.testing.assert_close(bias, features.grounding(embeds) + up[None])
         moved = model(inputs)
+    # inference applies it to still images only: a video's words may describe other frames than the key frame
+    for video in (False, True):
+        single = _inputs(model, PAIRS[:1], video=video)
+        with torch.no_grad():
+            prompts = model.condition(single, model.decoder.encode(single.frames))
+        assert (prompts.position_logits is None) == video
     model.save_pretrained(tmp_path / "prior")
     again = load_model(tmp_path / "prior").eval()
     assert again.config.decoder.position_prior == 4

@@ -166,8 +166,9 @@ class InstructSegModel(nn.Module):
 
     # -- prompts for the decoder ----------------------------------------------------------------------------
     def prompts(self, hidden: torch.Tensor, input_ids: torch.Tensor, instruction_mask: torch.Tensor,
-                features: FrameFeatures) -> Prompts:
-        """Decoder prompts from the last hidden states (B, L, hidden) of a full sequence."""
+                features: FrameFeatures, *, prior: bool = True) -> Prompts:
+        """Decoder prompts from the last hidden states (B, L, hidden) of a full sequence; `prior`: with the position
+        prior's maps (when the model has one)."""
         hidden = self.state_norm(hidden.float())  # (the LLM may run in bf16)
         token = SEG if self.config.decoder.kind == "sam2" else MQ
         where = input_ids == self.token_ids[token]
@@ -182,7 +183,7 @@ class InstructSegModel(nn.Module):
         text = self.text_norm(self.fusion(hidden.to(features.tokens.dtype), instruction_mask, features.tokens))
         objects = self.object_norm(self.object_proj(slots.to(text.dtype)), valid)
         where = None
-        if self.position_prior is not None:
+        if self.position_prior is not None and prior:
             words = self.instruction_words(input_ids, instruction_mask)[:, None].expand(*valid.shape, -1)
             where = self.position_prior(words, valid)
         return Prompts(object_embeds=objects, object_valid=valid, text_embed=text, position_logits=where)
@@ -255,7 +256,8 @@ class InstructSegModel(nn.Module):
             states = self.states(full, embeds=torch.cat([embeds, self.llm.get_input_embeddings()(new)], dim=1))
         else:
             hidden = F.pad(hidden, (0, 0, 0, full.input_ids.shape[1] - hidden.shape[1]))
-            states = SequenceStates(hidden, full.input_ids, full.instruction_mask)
+            states = SequenceStates(hidden, full.input_ids, full.instruction_mask,
+                                    video=inputs.ref_frames is not None)
         prompts = self.prompts_for(states, features)
         raw = self.tokenizer.decode(new[0], skip_special_tokens=False)
         raw = raw.split(self.tokenizer.eos_token)[0] if self.tokenizer.eos_token else raw
@@ -271,13 +273,16 @@ class InstructSegModel(nn.Module):
         embeds = self.embed(inputs, features=features) if embeds is None else embeds
         out = self.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask, output_hidden_states=True,
                        logits_to_keep=1)  # only hidden states are needed: skip most of the LM head
-        return SequenceStates(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask)
+        return SequenceStates(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask,
+                              video=inputs.ref_frames is not None)
 
     @torch.no_grad()
     def prompts_for(self, states: SequenceStates, features: FrameFeatures) -> Prompts:
         """Decoder prompts on the frame of `features` (B = 1): exactly one object slot per [SEG] of the answer.
-        The object embeddings depend on the states only; VMTF fuses the instruction with this frame's features."""
-        prompts = self.prompts(states.hidden, states.input_ids, states.instruction_mask, features)
+        The object embeddings depend on the states only; VMTF fuses the instruction with this frame's features. No
+        position prior for a video (see `SequenceStates.video`)."""
+        prompts = self.prompts(states.hidden, states.input_ids, states.instruction_mask, features,
+                               prior=not states.video)
         return self._select(prompts, states.input_ids, features)
 
     def condition(self, inputs: ModelInputs, features: FrameFeatures) -> Prompts:
