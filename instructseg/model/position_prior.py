@@ -25,9 +25,9 @@ from instructseg.decoders.base import GROUNDING_SCALE
 
 class PositionPrior(nn.Module):
     """forward(inputs (B, N, H), valid (B, N)) -> coarse prior logits (B, N, grid, grid), in the grounding map's
-    units (zero for invalid slots); inputs: each object's instruction words. In training, while its weights train, the valid inputs update the running mean and
-    variance (an average with `momentum`; the first batch sets them) before they are used; a frozen prior keeps
-    its statistics with its weights."""
+    units (zero for invalid slots); inputs: each object's instruction words. In training, while its weights train,
+    the valid inputs update the running mean and variance (an average with `momentum`; the first batch sets them)
+    before they are used; a frozen prior keeps its statistics with its weights."""
 
     def __init__(self, *, width: int, grid: int, momentum: float = 0.05):
         super().__init__()

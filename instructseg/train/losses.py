@@ -332,12 +332,17 @@ def _align_loss(outputs: InstructSegOutput, target_masks: list[torch.Tensor], pa
                          torch.zeros(outputs.mask_logits.shape[-2:], dtype=torch.bool, device=text.device)
                          for t in target_masks]).to(text.device)
     union = F.adaptive_avg_pool2d(union[:, None].float(), size)[:, 0]
-    loss = sigmoid_bce(text, union) + dice_loss(text, union) + grid_contrastive(text, union)
+    loss = grounding_map_loss(text, union)
     objects = outputs.object_align_logits[pair_idx[:, 0], pair_idx[:, 1]]
     if objects.shape[0] > 0:
         tgt = F.adaptive_avg_pool2d(pair_targets[:, None].float(), size)[:, 0]
-        loss = loss + sigmoid_bce(objects, tgt) + dice_loss(objects, tgt) + grid_contrastive(objects, tgt)
+        loss = loss + grounding_map_loss(objects, tgt)
     return loss
+
+
+def grounding_map_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The grounding loss of maps (M, h, w) against area-fraction targets: BCE + dice + in-image contrastive."""
+    return sigmoid_bce(logits, targets) + dice_loss(logits, targets) + grid_contrastive(logits, targets)
 
 
 def grid_contrastive(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from instructseg.errors import InputError
 from instructseg.llm.precision import native_bf16
-from instructseg.train.losses import LossWeights, dice_loss, grid_contrastive, sigmoid_bce
+from instructseg.train.losses import LossWeights, dice_loss, grounding_map_loss, sigmoid_bce
 from instructseg.train.stage_steps import run_steps
 
 RESULT = "prior.safetensors"
@@ -118,8 +118,9 @@ def collect(model, sources, count: int, *, seed: int, device: torch.device, jump
                 out = model.llm(inputs_embeds=model.embed(inputs, key, features, words),
                                 attention_mask=inputs.attention_mask, output_hidden_states=True, logits_to_keep=1)
                 words = model.instruction_words(inputs.input_ids, inputs.instruction_mask)
-                prompts = model.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features)
-                decoded = model.decoder.decode(features, dataclasses.replace(prompts, position_logits=None))
+                prompts = model.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features,
+                                        prior=False)
+                decoded = model.decoder.decode(features, prompts)
                 cosine = features.grounding(prompts.object_embeds)
             size = decoded.mask_logits.shape[-1] // MASK_SCALE
             low = F.avg_pool2d(decoded.mask_logits.float().flatten(0, 1)[:, None], MASK_SCALE)[:, 0]
@@ -149,9 +150,7 @@ def prior_loss(prior, cache: PriorCache, weights: LossWeights = LossWeights()) -
     masks = cache.masks + F.interpolate(grid[:, None], size=cache.masks.shape[-2:], mode="bilinear",
                                         align_corners=False)[:, 0]
     mask = weights.mask * sigmoid_bce(masks, cache.mask_targets) + weights.dice * dice_loss(masks, cache.mask_targets)
-    align = (sigmoid_bce(grid, cache.grid_targets) + dice_loss(grid, cache.grid_targets)
-             + grid_contrastive(grid, cache.grid_targets))
-    return mask + weights.align * align
+    return mask + weights.align * grounding_map_loss(grid, cache.grid_targets)
 
 
 def fit(prior, cache: PriorCache, stage, *, seed: int, log_path: Path | None = None) -> list[float]:
