@@ -97,9 +97,6 @@ class DecoderConfig:
     # a grid x grid map of logits over the frame, added to each object's grounding map ("at the bottom", "on the
     # left"; sam2 adds that map to the object's mask logits too)
     position_prior: int = 0
-    # > 0 adds a timed prior for videos (the same head, its map a function of the key frame's time in the video;
-    # without one, videos get no prior: their words often describe other frames than the key frame)
-    video_prior: int = 0
     num_queries: int = 4  # mask queries the LLM produces (mask2former; 0 disables them for sam2)
     hidden_dim: int = 32  # mask2former width
     decoder_layers: int = 3  # mask2former masked-attention layers

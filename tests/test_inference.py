@@ -55,31 +55,6 @@ def test_propagation_runs_both_ways_from_a_middle_key_frame(predictor, video_dir
     assert order == [middle, *range(middle + 1, len(source)), *range(middle - 1, -1, -1)]
 
 
-def test_a_video_prior_is_laid_on_every_key_frame_at_its_time(seg_model_dir, video_dir):
-    """With a video prior, each key frame's prompts carry the prior at that frame's place in the video (one LLM
-    call: the same words, another time), in both modes; a model without one gets no prior on videos."""
-    from instructseg.data.sampling import frame_time
-    from instructseg.model.checkpoint import load_model
-
-    model = load_model(seg_model_dir, overrides=["decoder.video_prior=2"])
-    with torch.no_grad():
-        model.video_prior.linear.bias.copy_(torch.tensor([0.0] * 4 + [1.0, 1.0, -1.0, -1.0]))  # slope: top row
-    predictor = InstructSegPredictor(model)
-    source = open_source(video_dir)
-    answer = predictor.answer(source, "segment the red circle", key_frames=3)
-    assert len(answer.key_prompts) == 3 and answer.llm_calls == 1
-    for t, prompts in answer.key_prompts.items():
-        expected = 10.0 * (frame_time(t, len(source)) - 0.5)
-        torch.testing.assert_close(prompts.position_logits[0, 0, 0], torch.full((2,), expected))
-        torch.testing.assert_close(prompts.position_logits[0, 0, 1], torch.full((2,), -expected))
-    first = min(answer.key_prompts)
-    per_frame = predictor.answer(source, "segment the red circle", mode="per-frame", key_frames=3)
-    torch.testing.assert_close(per_frame.key_prompts[first].position_logits,
-                               answer.key_prompts[first].position_logits)
-    plain = InstructSegPredictor(str(seg_model_dir)).answer(source, "segment the red circle", key_frames=3)
-    assert all(p.position_logits is None for p in plain.key_prompts.values())
-
-
 def test_per_frame_mode_runs_the_llm_on_every_frame(predictor, video_dir):
     source = open_source(video_dir)
     result = predictor.segment(source, "segment the red circle", mode="per-frame")

@@ -534,36 +534,6 @@ def test_position_prior_reads_the_instruction_starts_as_a_no_op_and_moves_the_gr
         torch.testing.assert_close(again(inputs).mask_logits, moved.mask_logits)
 
 
-def test_video_prior_is_timed_and_only_videos_with_a_time_get_it():
-    """decoder.video_prior: a second prior whose map is level + (time - 0.5) x slope, both read from the words;
-    `prompts_for` lays it on a video's frame given the frame's time; a video without a time gets no prior, a still
-    image gets the image prior (none here); each prior refuses the other kind's call."""
-    from instructseg.decoders.base import GROUNDING_SCALE
-
-    torch.manual_seed(0)
-    model = InstructSegModel(preset("tiny").override(["decoder.video_prior=4"])).eval()
-    assert model.position_prior is None and model.video_prior.timed
-    with torch.no_grad():
-        model.video_prior.linear.bias.copy_(torch.tensor([0.0] * 16 + [0.0] * 12 + [1.0] * 4))  # slope: bottom row
-    states, valid = torch.randn(2, 1, model.llm.config.hidden_size), torch.ones(2, 1, dtype=torch.bool)
-    with torch.no_grad():
-        maps = model.video_prior(states, valid, torch.tensor([0.0, 1.0]))
-    assert float(maps[:, :, :3].abs().max()) == 0.0
-    torch.testing.assert_close(maps[0, 0, 3], torch.full((4,), -0.5 * GROUNDING_SCALE))
-    torch.testing.assert_close(maps[1, 0, 3], torch.full((4,), 0.5 * GROUNDING_SCALE))
-    with pytest.raises(ValueError, match="needs the key frames' times"):
-        model.video_prior(states, valid)
-    video = _inputs(model, PAIRS[:1], video=True)
-    with torch.no_grad():
-        features = model.decoder.encode(video.frames)
-        late, early = (model.condition(video, features, time) for time in (1.0, 0.25))
-        assert model.condition(video, features).position_logits is None  # no time: no prior
-        still = _inputs(model, PAIRS[:1], video=False)
-        assert model.condition(still, model.decoder.encode(still.frames)).position_logits is None  # no image prior
-    torch.testing.assert_close(late.position_logits[0, :, 3], torch.full((1, 4), 0.5 * GROUNDING_SCALE))
-    torch.testing.assert_close(early.position_logits[0, :, 3], torch.full((1, 4), -0.25 * GROUNDING_SCALE))
-
-
 def test_position_prior_centres_states_with_running_statistics_of_valid_slots_only():
     """The prior reads states centred and scaled by running statistics: the first training batch sets them from its
     valid slots (padding ignored), later batches move them by `momentum`, evaluation and a frozen prior only read

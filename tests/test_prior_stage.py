@@ -76,35 +76,6 @@ def test_collect_and_fit_lower_the_loss_and_set_the_statistics(synth_root):
     assert torch.allclose(prior.mean, cache.words.mean(0), atol=1e-4)
 
 
-def test_video_target_collects_every_inference_key_frame_with_its_time_and_fits_the_video_prior(synth_root):
-    """target video: each expression is read once, on the first of the key frames inference uses, and decoded on
-    every key frame; the rows carry those frames' times and fit the timed prior."""
-    from instructseg.data.sampling import DEFAULT_KEY_FRAMES, frame_time, uniform_key_frames
-    from instructseg.train.prior_stage import collect, fit, prior_loss
-
-    torch.manual_seed(0)
-    model = InstructSegModel(preset("tiny").override(["decoder.video_prior=4"])).eval()
-    with torch.no_grad():
-        model.decoder.sam.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(20.0)
-    source = DataSource(kind="revos", root=str(synth_root / "revos"))
-    cache = collect(model, [source], 6, seed=0, device=torch.device("cpu"), target="video")
-    frames = json.loads((synth_root / "revos" / "meta_expressions_train_.json").read_text())["videos"]
-    n = len(next(iter(frames.values()))["frames"])
-    times = {round(frame_time(t, n), 6) for t in uniform_key_frames(n, DEFAULT_KEY_FRAMES)}
-    assert {round(float(t), 6) for t in cache.time} == times  # every key frame, at its time
-    prior = model.video_prior
-    with torch.no_grad():
-        before = float(prior_loss(prior, cache))
-    fit(prior, cache, PriorStage(steps=40, batch_size=64, lr=1e-2, warmup_steps=1), seed=0)
-    with torch.no_grad():
-        assert float(prior_loss(prior, cache)) < before - 0.05
-    with pytest.raises(InputError, match="target video needs video expressions; source kind 'refcoco'"):
-        collect(model, [DataSource(kind="refcoco", root=str(synth_root / "refcoco"))], 4, seed=0,
-                device=torch.device("cpu"), target="video")
-    with pytest.raises(InputError, match="no image prior; add decoder.position_prior"):
-        collect(model, [source], 4, seed=0, device=torch.device("cpu"))
-
-
 def test_prior_stage_errors(tmp_path, synth_root):
     from instructseg.train.prior_stage import collect
 
@@ -123,10 +94,8 @@ def test_prior_stage_errors(tmp_path, synth_root):
     with pytest.raises(InputError, match="prior.steps and prior.batch_size must be at least 1"):
         load_recipe(path)
     assert load_recipe(path, ["prior.steps=3", "train.steps=0"]).prior.samples == 4  # the stage alone is a run
-    with pytest.raises(InputError, match="prior.target='clip': expected 'image' or 'video'"):
-        load_recipe(path, ["prior.steps=3", "train.steps=0", "prior.target=clip"])
     device = torch.device("cpu")
-    with pytest.raises(InputError, match="no image prior; add decoder.position_prior"):
+    with pytest.raises(InputError, match="no position prior; add decoder.position_prior"):
         collect(InstructSegModel(preset("tiny")), recipe["data"], 4, seed=0, device=device)
     chat = DataSource(kind="chat", root=str(synth_root / "chat"))
     with pytest.raises(InputError, match="source kind 'chat' has no masks"):

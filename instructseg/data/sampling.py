@@ -11,8 +11,6 @@ import random
 
 from instructseg.errors import InputError
 
-DEFAULT_KEY_FRAMES = 3  # key frames per video at inference (`uniform_key_frames`)
-
 
 def sample_video_frames(num_frames: int, num_ref: int, jump: int, rng: random.Random, *,
                         candidates: list[int] | None = None) -> tuple[int, list[int]]:
@@ -66,12 +64,6 @@ def reference_frames(num_frames: int, key: int, count: int, rng: random.Random) 
     return (order[::-1] if backward else order), backward
 
 
-def frame_time(t: int, num_frames: int) -> float:
-    """Frame t's place in a video of `num_frames` frames: 0 for the first frame, 1 for the last (0 for a single
-    frame). What a video prior reads (`instructseg.model.position_prior`)."""
-    return t / (num_frames - 1) if num_frames > 1 else 0.0
-
-
 def uniform_key_frames(num_frames: int, k: int) -> list[int]:
     """`k` frame indices spread evenly over a video: the centre of each of `k` equal segments, rounded down.
 
@@ -83,16 +75,3 @@ def uniform_key_frames(num_frames: int, k: int) -> list[int]:
     if k >= num_frames:
         return list(range(num_frames))
     return [(2 * i + 1) * num_frames // (2 * k) for i in range(k)]
-
-
-def inference_references(num_frames: int, key: int, count: int) -> list[int]:
-    """The reference frames inference gives the LLM with key frame `key`: `reference_frames`, tracking forwards
-    wherever the video allows (inference is deterministic)."""
-    return reference_frames(num_frames, key, count, _Forward())[0]
-
-
-class _Forward:
-    """A stand-in rng for `track_frames` that always picks forwards."""
-
-    def random(self) -> float:
-        return 0.0

@@ -193,16 +193,6 @@ class VideoExpressionDataset(_Dataset):
                     break
         key, _ = sample_video_frames(expr.num_frames, 0, self.jump, rng, candidates=candidates)
         refs, backward = reference_frames(expr.num_frames, key, self.num_ref_frames, rng)
-        return self._sample(expr, masks, key, refs, backward, rng)
-
-    def at(self, index: int, key: int, refs: list[int], epoch: int = 0) -> TrainingSample:
-        """Item `index` with the given key frame and reference frames (in time order, following the key frame),
-        phrased as `sample(index, epoch)` phrases it: e.g. the frames inference would pick."""
-        expr = self.items[index]
-        return self._sample(expr, expr.masks(), key, list(refs), False, _rng(self.seed, index, epoch))
-
-    def _sample(self, expr: VideoExpression, masks: np.ndarray, key: int, refs: list[int], backward: bool,
-                rng: random.Random) -> TrainingSample:
         source = f"{expr.dataset} {expr.key}"
         loaded: dict[int, np.ndarray] = {}
         for t in [key, *refs]:

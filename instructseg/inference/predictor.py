@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from instructseg.data.sampling import DEFAULT_KEY_FRAMES, frame_time, inference_references, uniform_key_frames
+from instructseg.data.sampling import reference_frames, uniform_key_frames
 from instructseg.decoders.base import DecoderOutput, FrameFeatures, Prompts
 from instructseg.errors import InputError
 from instructseg.inference.io import FrameSource, open_source
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from instructseg.inference.session import ChatSession
 
 MODES = ("propagate", "per-frame")
+DEFAULT_KEY_FRAMES = 3
 
 
 @dataclass
@@ -152,13 +153,10 @@ class InstructSegPredictor:
         with torch.inference_mode():
             gen = self.model.generate(first)
             prompts, features = {keys[0]: gen.prompts}, {keys[0]: gen.features}
-            if gen.num_objects and frames.is_video:
-                for t in keys if mode == "propagate" else keys[:1]:
-                    # the answer's states prompt every key frame (no further LLM call), with the video prior at
-                    # the frame's time when the model has one
-                    if t not in features:
-                        features[t] = self.model.decoder.encode(self._tensor(frames, t)[None])
-                    prompts[t] = self.model.prompts_for(gen.states, features[t], frame_time(t, len(frames)))
+            if gen.num_objects and mode == "propagate":
+                for t in keys[1:]:  # the answer's states prompt every key frame: no further LLM call
+                    features[t] = self.model.decoder.encode(self._tensor(frames, t)[None])
+                    prompts[t] = self.model.prompts_for(gen.states, features[t])
         for t, refinement in (refinements or {}).items():
             prompts[t] = self._refine(frames, prompts, t, refinement, gen.num_objects)
         return Answer(text=gen.text, raw_text=gen.raw_text, num_objects=gen.num_objects, key_prompts=prompts,
@@ -175,7 +173,7 @@ class InstructSegPredictor:
         batch.pop("labels")
         refs = None
         if frames.is_video:
-            ref_idx = inference_references(len(frames), t, self.num_ref)
+            ref_idx, _ = reference_frames(len(frames), t, self.num_ref, _Forward())
             refs = torch.stack([self._tensor(frames, r) for r in ref_idx])[None]
         return ModelInputs(frames=self._tensor(frames, t)[None], ref_frames=refs, **batch).to(self.device)
 
@@ -210,7 +208,7 @@ class InstructSegPredictor:
         for t in range(len(frames)):
             inputs = self._inputs(frames, t, instruction, answer.raw_text, history)
             features = self.model.decoder.encode(inputs.frames)
-            prompts = self.model.condition(inputs, features, frame_time(t, len(frames)))
+            prompts = self.model.condition(inputs, features)
             answer.llm_calls += 1
             yield t, self.model.decoder.decode(features, prompts)
 
@@ -241,6 +239,12 @@ class InstructSegPredictor:
                 labels[0, obj - 1, :len(lab)] = torch.as_tensor(lab, dtype=torch.int32)
             extra.update(point_coords=coords.to(self.device), point_labels=labels.to(self.device))
         return dataclasses.replace(base.objects(slice(None)), **extra)
+
+class _Forward:
+    """A stand-in rng for `reference_frames` that always picks forwards (inference is deterministic)."""
+
+    def random(self) -> float:
+        return 0.0
 
 
 def check_request(instruction: str, mode: str, key_frames: int | None = None) -> str:

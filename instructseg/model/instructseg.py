@@ -90,8 +90,6 @@ class InstructSegModel(nn.Module):
         self.object_norm, self.text_norm = PromptNorm(dim), PromptNorm(dim)  # prompts cannot collapse
         prior = config.decoder.position_prior
         self.position_prior = PositionPrior(width=hidden, grid=prior) if prior else None
-        video = config.decoder.video_prior
-        self.video_prior = PositionPrior(width=hidden, grid=video, timed=True) if video else None
         self.state_norm = StateNorm(hidden)  # loaded with the weights, or calibrated on the base LLM now
         self.category_heads = (CategoryHeads(self.vision.width, dim, config.semantic_classes)
                                if config.semantic_classes else None)  # training aid
@@ -168,10 +166,9 @@ class InstructSegModel(nn.Module):
 
     # -- prompts for the decoder ----------------------------------------------------------------------------
     def prompts(self, hidden: torch.Tensor, input_ids: torch.Tensor, instruction_mask: torch.Tensor,
-                features: FrameFeatures, *, prior: bool = True, time: torch.Tensor | None = None) -> Prompts:
-        """Decoder prompts from the last hidden states (B, L, hidden) of a full sequence; `prior`: with a prior's
-        maps: the position prior's (when the model has one), or with `time` (B,) (the key frames' places in their
-        videos, 0 to 1) the video prior's (none when the model has no video prior)."""
+                features: FrameFeatures, *, prior: bool = True) -> Prompts:
+        """Decoder prompts from the last hidden states (B, L, hidden) of a full sequence; `prior`: with the position
+        prior's maps (when the model has one)."""
         hidden = self.state_norm(hidden.float())  # (the LLM may run in bf16)
         token = SEG if self.config.decoder.kind == "sam2" else MQ
         where = input_ids == self.token_ids[token]
@@ -186,10 +183,9 @@ class InstructSegModel(nn.Module):
         text = self.text_norm(self.fusion(hidden.to(features.tokens.dtype), instruction_mask, features.tokens))
         objects = self.object_norm(self.object_proj(slots.to(text.dtype)), valid)
         where = None
-        head = self.position_prior if time is None else self.video_prior
-        if head is not None and prior:
+        if self.position_prior is not None and prior:
             words = self.instruction_words(input_ids, instruction_mask)[:, None].expand(*valid.shape, -1)
-            where = head(words, valid, time)
+            where = self.position_prior(words, valid)
         return Prompts(object_embeds=objects, object_valid=valid, text_embed=text, position_logits=where)
 
     def instruction_words(self, input_ids: torch.Tensor, instruction_mask: torch.Tensor) -> torch.Tensor:
@@ -281,20 +277,17 @@ class InstructSegModel(nn.Module):
                               video=inputs.ref_frames is not None)
 
     @torch.no_grad()
-    def prompts_for(self, states: SequenceStates, features: FrameFeatures, time: float | None = None) -> Prompts:
+    def prompts_for(self, states: SequenceStates, features: FrameFeatures) -> Prompts:
         """Decoder prompts on the frame of `features` (B = 1): exactly one object slot per [SEG] of the answer.
-        The object embeddings depend on the states only; VMTF fuses the instruction with this frame's features.
-        A video's frame gets the video prior at `time` (the frame's place in the video, 0 to 1), or no prior
-        without a time or a video prior (see `SequenceStates.video`)."""
-        at = None if time is None else torch.tensor([float(time)], device=features.tokens.device)
+        The object embeddings depend on the states only; VMTF fuses the instruction with this frame's features. No
+        position prior for a video (see `SequenceStates.video`)."""
         prompts = self.prompts(states.hidden, states.input_ids, states.instruction_mask, features,
-                               prior=not states.video or at is not None, time=at)
+                               prior=not states.video)
         return self._select(prompts, states.input_ids, features)
 
-    def condition(self, inputs: ModelInputs, features: FrameFeatures, time: float | None = None) -> Prompts:
-        """Decoder prompts for one prompt whose answer is already in `input_ids` (B = 1), on its own key frame
-        (`time`: its place in the video, see `prompts_for`)."""
-        return self.prompts_for(self.states(inputs, features=features), features, time)
+    def condition(self, inputs: ModelInputs, features: FrameFeatures) -> Prompts:
+        """Decoder prompts for one prompt whose answer is already in `input_ids` (B = 1), on its own key frame."""
+        return self.prompts_for(self.states(inputs, features=features), features)
 
     def _select(self, prompts: Prompts, input_ids: torch.Tensor, features: FrameFeatures) -> Prompts:
         """Exactly one object slot per [SEG] of the sequence (B = 1)."""
@@ -318,7 +311,7 @@ def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, st
     decoder = f"pretrained ({config.decoder.checkpoint})" if config.decoder.checkpoint else "random init"
     sources = {"llm": llm, "lora": "new (no adapter loaded)", "vision": vision, "decoder": decoder}
     for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion", "object_norm", "text_norm",
-                 "category_heads", "cell_words", "position_prior", "video_prior"):
+                 "category_heads", "cell_words", "position_prior"):
         sources[part] = "random init"
     sources["state_norm"] = "calibrated on the base LLM" if load_pretrained else "not calibrated"
     return sources

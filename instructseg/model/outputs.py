@@ -87,10 +87,9 @@ class SequenceStates:
     frame are built from (`InstructSegModel.prompts_for`), so several key frames need one LLM call.
 
     hidden: (1, L, H). input_ids: (1, L) long. instruction_mask: (1, L) bool.
-    video: the prompt came with reference frames. The image position prior is then left out: it reads where the
-    target is from the instruction's words, and a video's words often describe other frames than the key frame
-    ("moving right", "ends nearest the top"; docs/default_model.md, "The prior stage"); a model with a video prior
-    lays that one on each key frame, given the frame's time (`InstructSegModel.prompts_for`).
+    video: the prompt came with reference frames. The position prior is then left out: it reads where the target is
+    from the instruction's words, and a video's words often describe other frames than the key frame ("moving
+    right", "ends nearest the top"; docs/default_model.md, "The prior stage").
     """
 
     hidden: torch.Tensor

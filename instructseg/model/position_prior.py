@@ -14,12 +14,6 @@ backgrounds it pushed masks to the wrong place, and ReVOS reasoning fell 6 J&F p
 the same head gained more on RefCOCO-format sentences (docs/default_model.md, "The prior stage"). The map is linear
 in the words after centring and scaling with running statistics (a large component is shared by every input). The
 weights start at zero: a model given the head behaves exactly as before until training moves it.
-
-Videos get their own prior (`timed`, config `decoder.video_prior`): a video's words describe frames ("starts on
-the left", "ends nearest the top edge", "moving right"), so its map depends on when the key frame is. A timed prior
-predicts two maps from the words, a level and a slope, and lays `level + (time - 0.5) x slope` on a key frame at
-relative time `time` (0: the first frame, 1: the last): "starts on the left" can favour the left early and nothing
-late, "moving left" the right early and the left late.
 """
 from __future__ import annotations
 
@@ -30,27 +24,23 @@ from instructseg.decoders.base import GROUNDING_SCALE
 
 
 class PositionPrior(nn.Module):
-    """forward(inputs (B, N, H), valid (B, N), time (B,) for a timed prior) -> coarse prior logits (B, N, grid, grid),
-    in the grounding map's units (zero for invalid slots); inputs: each object's instruction words; time: each
-    sample's key frame as a fraction of its video (see the module docstring). In training, while its weights train,
+    """forward(inputs (B, N, H), valid (B, N)) -> coarse prior logits (B, N, grid, grid), in the grounding map's
+    units (zero for invalid slots); inputs: each object's instruction words. In training, while its weights train,
     the valid inputs update the running mean and variance (an average with `momentum`; the first batch sets them)
     before they are used; a frozen prior keeps its statistics with its weights."""
 
-    def __init__(self, *, width: int, grid: int, timed: bool = False, momentum: float = 0.05):
+    def __init__(self, *, width: int, grid: int, momentum: float = 0.05):
         super().__init__()
         self.grid = grid
-        self.timed = timed
         self.momentum = momentum
-        self.linear = nn.Linear(width, grid * grid * (2 if timed else 1))
+        self.linear = nn.Linear(width, grid * grid)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         self.register_buffer("mean", torch.zeros(width))
         self.register_buffer("var", torch.ones(width))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
 
-    def forward(self, states: torch.Tensor, valid: torch.Tensor, time: torch.Tensor | None = None) -> torch.Tensor:
-        if self.timed != (time is not None):
-            raise ValueError("a timed (video) prior needs the key frames' times, an image prior takes none")
+    def forward(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         b, n, _ = states.shape
         x = states[valid].float()  # (M, H)
         if self.training and self.linear.weight.requires_grad and x.shape[0] > 1:  # frozen: statistics too
@@ -59,10 +49,6 @@ class PositionPrior(nn.Module):
         std = self.var.sqrt()
         std = std.clamp(min=0.1 * float(std.median()) + 1e-6)
         out = self.linear(((x - self.mean) / std).to(self.linear.weight.dtype))
-        if self.timed:
-            level, slope = out.chunk(2, dim=-1)
-            at = time.to(out.dtype)[:, None].expand(b, n)[valid][:, None] - 0.5
-            out = level + at * slope
         maps = out.new_zeros(b, n, self.grid * self.grid).masked_scatter(valid[..., None], out)
         return GROUNDING_SCALE * maps.view(b, n, self.grid, self.grid)
 

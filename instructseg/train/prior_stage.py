@@ -12,10 +12,6 @@ those once (`collect`: one no-gradient pass per sentence) and then fits the prio
 the prior is added to the grounding map, which is added (bilinearly upsampled) to SAM2's mask logits after its mask
 decoder, so the decoder's output with the prior is the output without it plus the upsampled prior.
 
-A recipe's `prior.target: video` fits the video prior (`decoder.video_prior`) the same way, on video expressions
-seen as inference sees them: the LLM reads the first of the video's uniform key frames with the reference frames
-inference gives it, and every key frame is decoded from those states, each cached with its time in the video.
-
 The loss is the joint training's on these maps: mask BCE + dice (at a quarter of the decoder's resolution) and the
 grounding loss (BCE + dice + in-image contrastive on the coarse grid), with the same weights. Objects SAM2 scores
 absent are left out (their masks are gated to a constant the prior cannot move). The stage's result is written to
@@ -42,13 +38,11 @@ MASK_SCALE = 4  # the mask term is computed at 1/4 of the decoder's resolution (
 
 @dataclasses.dataclass
 class PriorCache:
-    """Per object (and key frame): words (M, H) its instruction's mean word embedding (what the prior reads);
-    time (M,) the key frame's place in its video (0 for images); cosine (M, h, w) grounding logits without the
-    prior; masks (M, s, s) SAM2's mask logits without the prior; mask_targets (M, s, s) and grid_targets (M, h, w):
-    the object's mask as area fractions at those sizes."""
+    """Per object: words (M, H) its instruction's mean word embedding (what the prior reads); cosine (M, h, w) grounding logits without the prior;
+    masks (M, s, s) SAM2's mask logits without the prior; mask_targets (M, s, s) and grid_targets (M, h, w): the
+    object's mask as area fractions at those sizes."""
 
     words: torch.Tensor
-    time: torch.Tensor
     cosine: torch.Tensor
     masks: torch.Tensor
     mask_targets: torch.Tensor
@@ -92,45 +86,19 @@ def _picks(datasets: list, count: int, seed: int) -> list[tuple[int, int]]:
     return picks
 
 
-def target_prior(model, target: str = "image"):
-    """The model's prior that a stage with `target` fits; InputError when the model has none."""
-    head = model.position_prior if target == "image" else model.video_prior
-    if head is None:
-        key = "position_prior" if target == "image" else "video_prior"
-        raise InputError(f"prior: the model has no {target} prior; add decoder.{key}=G to model_overrides")
-    return head
-
-
-def _key_frame_samples(dataset, index: int, num_ref: int) -> list[tuple[float, object]]:
-    """Video target: (time, sample) per key frame inference uses for item `index`; every sample holds the first key
-    frame's reference frames, so the first one is what the LLM reads."""
-    from instructseg.data.sampling import DEFAULT_KEY_FRAMES, frame_time, inference_references, uniform_key_frames
-
-    n = dataset.items[index].num_frames
-    keys = uniform_key_frames(n, DEFAULT_KEY_FRAMES)
-    refs = inference_references(n, keys[0], num_ref)
-    return [(frame_time(t, n), dataset.at(index, t, refs)) for t in keys]
-
-
 @torch.no_grad()
 def collect(model, sources, count: int, *, seed: int, device: torch.device, jump: int = 4,
-            batch_size: int = 8, progress: bool = False, target: str = "image") -> PriorCache:
-    """Run the frozen model over `count` samples of `sources` and keep, for every object SAM2 scores present on a
-    key frame, what `fit` needs. `target` "image": image sentences, or video expressions on a key frame drawn as in
-    training, with its reference frames; "video": video expressions at every key frame inference uses (see the
-    module docstring). Answers are teacher-forced, as in training."""
+            batch_size: int = 8, progress: bool = False) -> PriorCache:
+    """Run the frozen model over `count` samples of `sources` (image sentences, or video expressions on a key frame
+    with its reference frames; teacher-forced, as in training) and keep, for every object SAM2 scores present on
+    the key frame, what `fit` needs."""
     from instructseg.data.collate import Collator
-    from instructseg.data.training import VideoExpressionDataset
 
-    target_prior(model, target)
+    if model.position_prior is None:
+        raise InputError("prior: the model has no position prior; add decoder.position_prior=G to model_overrides")
     if not hasattr(model.decoder, "sam"):
         raise InputError("prior: the prior stage needs the sam2 decoder (it adds the prior to SAM2's mask logits)")
-    num_ref = model.config.perceiver.num_ref_frames
-    datasets = _datasets(sources, seed=seed, num_ref_frames=num_ref, jump=jump)
-    if target == "video":
-        kinds = [s.kind for (d, _), s in zip(datasets, sources) if not isinstance(d, VideoExpressionDataset)]
-        if kinds:
-            raise InputError(f"prior.data: target video needs video expressions; source kind {kinds[0]!r} is not")
+    datasets = _datasets(sources, seed=seed, num_ref_frames=model.config.perceiver.num_ref_frames, jump=jump)
     picks = _picks(datasets, count, seed)
     collate = Collator(model.layout, model.decoder.image_size, model.tokenizer.pad_token_id)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=native_bf16(device))
@@ -140,12 +108,7 @@ def collect(model, sources, count: int, *, seed: int, device: torch.device, jump
     try:
         for start in tqdm(range(0, len(picks), batch_size), desc="prior stage", unit="batch", disable=not progress,
                           dynamic_ncols=True):
-            if target == "video":
-                keyed = [_key_frame_samples(datasets[d][0], i, num_ref) for d, i in picks[start:start + batch_size]]
-                samples = [frames[0][1] for frames in keyed]
-            else:
-                keyed = None
-                samples = [datasets[d][0].sample(i, 0) for d, i in picks[start:start + batch_size]]
+            samples = [datasets[d][0].sample(i, 0) for d, i in picks[start:start + batch_size]]
             inputs, masks, _ = collate(samples)
             inputs = inputs.to(device)
             with autocast:
@@ -155,18 +118,23 @@ def collect(model, sources, count: int, *, seed: int, device: torch.device, jump
                 out = model.llm(inputs_embeds=model.embed(inputs, key, features, words),
                                 attention_mask=inputs.attention_mask, output_hidden_states=True, logits_to_keep=1)
                 words = model.instruction_words(inputs.input_ids, inputs.instruction_mask)
-                hidden = out.hidden_states[-1]
-                if keyed is None:
-                    _keep(parts, model, features, hidden, inputs.input_ids, inputs.instruction_mask, masks, words,
-                          [0.0] * len(samples))
-                    continue
-                for b, frames in enumerate(keyed):  # every key frame, prompted by the first one's states
-                    times, later = zip(*frames)
-                    key_inputs, key_masks, _ = collate(list(later))
-                    features = model.decoder.encode(key_inputs.frames.to(device))
-                    rows = [b] * len(later)
-                    _keep(parts, model, features, hidden[rows], inputs.input_ids[rows],
-                          inputs.instruction_mask[rows], key_masks, words[rows], times)
+                prompts = model.prompts(out.hidden_states[-1], inputs.input_ids, inputs.instruction_mask, features,
+                                        prior=False)
+                decoded = model.decoder.decode(features, prompts)
+                cosine = features.grounding(prompts.object_embeds)
+            size = decoded.mask_logits.shape[-1] // MASK_SCALE
+            low = F.avg_pool2d(decoded.mask_logits.float().flatten(0, 1)[:, None], MASK_SCALE)[:, 0]
+            low = low.view(*decoded.mask_logits.shape[:2], size, size)
+            for b, target in enumerate(masks):
+                for m in range(target.shape[0]):
+                    if not bool(prompts.object_valid[b, m]) or float(decoded.score_logits[b, m]) <= 0:
+                        continue
+                    t = target[m][None, None].float()
+                    parts["words"].append(words[b].float().cpu())
+                    parts["cosine"].append(cosine[b, m].float().cpu())
+                    parts["masks"].append(low[b, m].cpu())
+                    parts["mask_targets"].append(F.adaptive_avg_pool2d(t, size)[0, 0])
+                    parts["grid_targets"].append(F.adaptive_avg_pool2d(t, features.size)[0, 0])
     finally:
         model.train(was_training)
     if not parts["words"]:
@@ -174,32 +142,9 @@ def collect(model, sources, count: int, *, seed: int, device: torch.device, jump
     return PriorCache(**{name: torch.stack(values) for name, values in parts.items()})
 
 
-def _keep(parts: dict, model, features, hidden: torch.Tensor, input_ids: torch.Tensor,
-          instruction_mask: torch.Tensor, masks: list, words: torch.Tensor, times) -> None:
-    """Decode each row's objects without the prior on `features` and keep those SAM2 scores present."""
-    prompts = model.prompts(hidden, input_ids, instruction_mask, features, prior=False)
-    decoded = model.decoder.decode(features, prompts)
-    cosine = features.grounding(prompts.object_embeds)
-    size = decoded.mask_logits.shape[-1] // MASK_SCALE
-    low = F.avg_pool2d(decoded.mask_logits.float().flatten(0, 1)[:, None], MASK_SCALE)[:, 0]
-    low = low.view(*decoded.mask_logits.shape[:2], size, size)
-    for b, target in enumerate(masks):
-        for m in range(target.shape[0]):
-            if not bool(prompts.object_valid[b, m]) or float(decoded.score_logits[b, m]) <= 0:
-                continue
-            t = target[m][None, None].float()
-            parts["words"].append(words[b].float().cpu())
-            parts["time"].append(torch.tensor(float(times[b])))
-            parts["cosine"].append(cosine[b, m].float().cpu())
-            parts["masks"].append(low[b, m].cpu())
-            parts["mask_targets"].append(F.adaptive_avg_pool2d(t, size)[0, 0])
-            parts["grid_targets"].append(F.adaptive_avg_pool2d(t, features.size)[0, 0])
-
-
 def prior_loss(prior, cache: PriorCache, weights: LossWeights = LossWeights()) -> torch.Tensor:
     """The joint training's mask and grounding losses on the cached maps with `prior`'s maps added."""
-    coarse = prior(cache.words[:, None], torch.ones(len(cache), 1, dtype=torch.bool, device=cache.words.device),
-                   cache.time if prior.timed else None)
+    coarse = prior(cache.words[:, None], torch.ones(len(cache), 1, dtype=torch.bool, device=cache.words.device))
     grid = cache.cosine + F.interpolate(coarse[:, 0:1].float(), size=cache.cosine.shape[-2:], mode="bilinear",
                                         align_corners=False)[:, 0]
     masks = cache.masks + F.interpolate(grid[:, None], size=cache.masks.shape[-2:], mode="bilinear",
@@ -228,17 +173,16 @@ def fit(prior, cache: PriorCache, stage, *, seed: int, log_path: Path | None = N
         prior.train(was_training)
 
 
-def save_result(model, path: Path, target: str = "image") -> None:
+def save_result(model, path: Path) -> None:
     from safetensors.torch import save
 
     from instructseg.atomic import write_bytes
 
-    head = target_prior(model, target)
-    state = {name: value.detach().contiguous().cpu() for name, value in head.state_dict().items()}
+    state = {name: value.detach().contiguous().cpu() for name, value in model.position_prior.state_dict().items()}
     write_bytes(path, save(state))
 
 
-def load_result(model, path: Path, target: str = "image") -> None:
+def load_result(model, path: Path) -> None:
     """Put a finished stage's prior back into `model` (a resumed run)."""
     from safetensors.torch import load_file
 
@@ -246,8 +190,7 @@ def load_result(model, path: Path, target: str = "image") -> None:
         raise InputError(f"{path}: missing; this run's checkpoints were trained after its prior stage and need its "
                          "result (remove the checkpoints to start again)")
     state = load_file(str(path))
-    head = target_prior(model, target)
-    own = head.state_dict()
+    own = model.position_prior.state_dict()
     if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):
-        raise InputError(f"{path}: does not match the model's {target} prior (was it written for another model?)")
-    head.load_state_dict(state)
+        raise InputError(f"{path}: does not match the model's position prior (was it written for another model?)")
+    model.position_prior.load_state_dict(state)

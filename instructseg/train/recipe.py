@@ -103,13 +103,11 @@ class EncoderStage:
 
 @dataclass
 class PriorStage:
-    """Before the joint training of a fresh run (skipped on resume): a prior fitted alone on the frozen model's
-    states and maps for `samples` samples of `data` (`instructseg.train.prior_stage`). `target` "image": the
-    position prior (needs `decoder.position_prior`); "video": the video prior (needs `decoder.video_prior`),
-    on video expressions at the key frames inference uses."""
+    """Before the joint training of a fresh run (skipped on resume): the position prior fitted alone on the frozen
+    model's states and maps for `samples` samples of `data` (`instructseg.train.prior_stage`); needs a model with
+    `decoder.position_prior`."""
 
     samples: int = 0  # samples collected (image sentences, video expressions; 0: no stage)
-    target: str = "image"  # "image" or "video"
     steps: int = 300
     batch_size: int = 256  # objects per step
     lr: float = 1.0e-3
@@ -180,8 +178,6 @@ def _recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
         raise InputError(f"{source}: encoders.steps={recipe.encoders.steps} but encoders.data lists no sources")
     if recipe.prior.samples > 0:
         p = recipe.prior
-        if p.target not in ("image", "video"):
-            raise InputError(f"{source}: prior.target={p.target!r}: expected 'image' or 'video'")
         if not p.data:
             raise InputError(f"{source}: prior.samples={p.samples} but prior.data lists no sources")
         if p.steps < 1 or p.batch_size < 1 or p.lr <= 0 or p.warmup_steps < 0:

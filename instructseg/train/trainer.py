@@ -226,20 +226,19 @@ class Trainer:
         """Run the stage on a fresh run; on a resumed one, load its result (every rank computes the same fit)."""
         import torch.distributed as dist
 
-        from instructseg.train.prior_stage import RESULT, collect, fit, load_result, save_result, target_prior
+        from instructseg.train.prior_stage import RESULT, collect, fit, load_result, save_result
 
-        stage = self.recipe.prior
         if ckpt.latest_complete(self.root) is not None:
-            load_result(model, self.out / RESULT, stage.target)
+            load_result(model, self.out / RESULT)
             return
-        log = self._stage_log("prior.jsonl", f"prior stage: collecting {stage.samples} samples ({stage.target})")
+        stage = self.recipe.prior
+        log = self._stage_log("prior.jsonl", f"prior stage: collecting {stage.samples} samples")
         model.to(self.device)
         cache = collect(model, stage.data, stage.samples, seed=self.recipe.train.seed, device=self.device,
-                        jump=self.recipe.train.jump, progress=self.rank == 0, target=stage.target)
-        losses = fit(target_prior(model, stage.target), cache.to(self.device), stage, seed=self.recipe.train.seed,
-                     log_path=log)
+                        jump=self.recipe.train.jump, progress=self.rank == 0)
+        losses = fit(model.position_prior, cache.to(self.device), stage, seed=self.recipe.train.seed, log_path=log)
         if self.rank == 0:
-            save_result(model, self.out / RESULT, stage.target)
+            save_result(model, self.out / RESULT)
             tail = losses[-20:]
             print(f"prior stage: {len(cache)} objects, loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f}", flush=True)
         dist.barrier()
