@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -76,6 +78,26 @@ def test_collect_and_fit_lower_the_loss_and_set_the_statistics(synth_root):
     assert torch.allclose(prior.mean, cache.words.mean(0), atol=1e-4)
 
 
+def test_a_saved_collection_loads_exactly_and_only_for_the_same_settings(tmp_path, synth_root):
+    from instructseg.train.prior_stage import collect, load_cache, save_cache
+
+    model = _tiny_with_prior()
+    sources = [DataSource(kind="refcoco", root=str(synth_root / "refcoco"))]
+    cache = collect(model, sources, 4, seed=0, device=torch.device("cpu"))
+    key = {"model": "m", "samples": 4, "data": [dataclasses.asdict(s) for s in sources], "seed": 0}
+    path = tmp_path / "prior_cache.safetensors"
+    save_cache(cache, path, key)
+    again = load_cache(path, dict(key))
+    assert all(torch.equal(getattr(again, f.name), getattr(cache, f.name)) for f in dataclasses.fields(cache))
+    with pytest.raises(InputError, match=r"collected with other settings \(samples, seed differ\)"):
+        load_cache(path, {**key, "samples": 5, "seed": 1})
+    with pytest.raises(InputError, match="no such file"):
+        load_cache(tmp_path / "missing.safetensors", key)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="bad.safetensors: unreadable"):
+        load_cache(tmp_path / "bad.safetensors", key)
+
+
 def test_prior_stage_errors(tmp_path, synth_root):
     from instructseg.train.prior_stage import collect
 
@@ -108,7 +130,7 @@ def test_recipe_runs_the_prior_stage_and_a_resume_loads_it(tmp_path, synth_root)
     exported model holds (frozen here); a resumed run loads prior.safetensors instead of fitting again."""
     from safetensors.torch import load_file
 
-    from tests.test_training import _recipe, _train
+    from tests.test_training import REPO, _env, _recipe, _train
 
     recipe = _recipe(tmp_path, synth_root, steps=1, save_every=1, freeze=["position_prior", "vision"])
     data = yaml.safe_load(recipe.read_text())
@@ -130,3 +152,13 @@ def test_recipe_runs_the_prior_stage_and_a_resume_loads_it(tmp_path, synth_root)
     assert "prior stage" not in result.stdout and "resuming from" in result.stdout
     final = InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict()
     assert all(torch.equal(value, final["position_prior." + key]) for key, value in stage.items())
+    # a new run fitting on the first run's collection: no collection, the same fit for the same fit settings
+    cache = str(tmp_path / "run" / "prior_cache.safetensors")
+    result = _train([str(recipe), f"output_dir={tmp_path / 'refit'}", f"prior.cache_from={cache}"])
+    assert "prior stage: the collection of" in result.stdout and "collecting" not in result.stdout
+    refit = load_file(str(tmp_path / "refit" / "prior.safetensors"))
+    assert all(torch.allclose(value, refit[key], atol=1e-6) for key, value in stage.items())
+    other = subprocess.run([sys.executable, "-m", "instructseg", "train", str(recipe), f"prior.cache_from={cache}",
+                            f"output_dir={tmp_path / 'other'}", "prior.samples=11"], capture_output=True, text=True,
+                           timeout=600, env=_env(), cwd=REPO)
+    assert other.returncode != 0 and "collected with other settings (samples differ)" in other.stderr

@@ -113,6 +113,9 @@ class PriorStage:
     lr: float = 1.0e-3
     warmup_steps: int = 20
     data: list[DataSource] = field(default_factory=list)  # sources with masks (any kind but chat)
+    # a previous run's OUTPUT/prior_cache.safetensors: fit on it instead of collecting (same model, data, samples,
+    # seed and jump required)
+    cache_from: str | None = None
 
 
 @dataclass

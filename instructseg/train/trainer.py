@@ -226,16 +226,24 @@ class Trainer:
         """Run the stage on a fresh run; on a resumed one, load its result (every rank computes the same fit)."""
         import torch.distributed as dist
 
-        from instructseg.train.prior_stage import RESULT, collect, fit, load_result, save_result
+        from instructseg.train.prior_stage import (CACHE, RESULT, collect, collection_key, fit, load_cache,
+                                                   load_result, save_cache, save_result)
 
         if ckpt.latest_complete(self.root) is not None:
             load_result(model, self.out / RESULT)
             return
         stage = self.recipe.prior
-        log = self._stage_log("prior.jsonl", f"prior stage: collecting {stage.samples} samples")
-        model.to(self.device)
-        cache = collect(model, stage.data, stage.samples, seed=self.recipe.train.seed, device=self.device,
-                        jump=self.recipe.train.jump, progress=self.rank == 0)
+        key = collection_key(self.recipe)
+        if stage.cache_from:
+            log = self._stage_log("prior.jsonl", f"prior stage: the collection of {stage.cache_from}")
+            cache = load_cache(Path(stage.cache_from), key)
+        else:
+            log = self._stage_log("prior.jsonl", f"prior stage: collecting {stage.samples} samples")
+            model.to(self.device)
+            cache = collect(model, stage.data, stage.samples, seed=self.recipe.train.seed, device=self.device,
+                            jump=self.recipe.train.jump, progress=self.rank == 0)
+            if self.rank == 0:
+                save_cache(cache, self.out / CACHE, key)
         losses = fit(model.position_prior, cache.to(self.device), stage, seed=self.recipe.train.seed, log_path=log)
         if self.rank == 0:
             save_result(model, self.out / RESULT)
