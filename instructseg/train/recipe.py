@@ -113,8 +113,8 @@ class PriorStage:
     lr: float = 1.0e-3
     warmup_steps: int = 20
     data: list[DataSource] = field(default_factory=list)  # sources with masks (any kind but chat)
-    # a previous run's OUTPUT/prior_cache.safetensors: fit on it instead of collecting (same model, data, samples,
-    # seed and jump required)
+    # a previous run's OUTPUT/prior_cache.safetensors: fit on it instead of collecting (the same `model` entry and
+    # overrides, data, samples, seed and jump required; a model changed on disk under the same path is not noticed)
     cache_from: str | None = None
 
 

@@ -234,12 +234,12 @@ class Trainer:
             return
         stage = self.recipe.prior
         key = collection_key(self.recipe)
+        model.to(self.device)
         if stage.cache_from:
             log = self._stage_log("prior.jsonl", f"prior stage: the collection of {stage.cache_from}")
             cache = load_cache(Path(stage.cache_from), key)
         else:
             log = self._stage_log("prior.jsonl", f"prior stage: collecting {stage.samples} samples")
-            model.to(self.device)
             cache = collect(model, stage.data, stage.samples, seed=self.recipe.train.seed, device=self.device,
                             jump=self.recipe.train.jump, progress=self.rank == 0)
             if self.rank == 0:
