@@ -6,11 +6,11 @@ the model; on a CPU that is ~5 s per step, and in 600 steps a linear prior learn
 logit, while a faster LR made its maps chase each sample's target (docs/default_model.md). With everything else
 frozen, what the prior needs from a sentence does not change while it trains: the instruction's words (what the
 prior reads), the cosine grounding map of the object's embedding and the mask logits SAM2 decodes for it without
-the prior. The stage collects
-those once (`collect`: one no-gradient pass per sentence) and then fits the prior on them in large batches
-(`fit`: hundreds of steps of hundreds of sentences in seconds). The mask logits are exact, not an approximation:
-the prior is added to the grounding map, which is added (bilinearly upsampled) to SAM2's mask logits after its mask
-decoder, so the decoder's output with the prior is the output without it plus the upsampled prior.
+the prior. The stage collects those once (`collect`: one no-gradient pass per sentence) and then fits the prior on
+them in large batches (`fit`: hundreds of steps of hundreds of sentences in seconds). The mask logits are exact,
+not an approximation: the prior is added to the grounding map, which is added (bilinearly upsampled) to SAM2's mask
+logits after its mask decoder, so the decoder's output with the prior is the output without it plus the upsampled
+prior.
 
 The loss is the joint training's on these maps: mask BCE + dice (at a quarter of the decoder's resolution) and the
 grounding loss (BCE + dice + in-image contrastive on the coarse grid), with the same weights. Objects SAM2 scores
@@ -43,9 +43,9 @@ MASK_SCALE = 4  # the mask term is computed at 1/4 of the decoder's resolution (
 
 @dataclasses.dataclass
 class PriorCache:
-    """Per object: words (M, H) its instruction's mean word embedding (what the prior reads); cosine (M, h, w) grounding logits without the prior;
-    masks (M, s, s) SAM2's mask logits without the prior; mask_targets (M, s, s) and grid_targets (M, h, w): the
-    object's mask as area fractions at those sizes."""
+    """Per object: words (M, H) its instruction's mean word embedding (what the prior reads); cosine (M, h, w)
+    grounding logits without the prior; masks (M, s, s) SAM2's mask logits without the prior; mask_targets (M, s, s)
+    and grid_targets (M, h, w): the object's mask as area fractions at those sizes."""
 
     words: torch.Tensor
     cosine: torch.Tensor
