@@ -97,6 +97,9 @@ class DecoderConfig:
     # a grid x grid map of logits over the frame, added to each object's grounding map ("at the bottom", "on the
     # left"; sam2 adds that map to the object's mask logits too)
     position_prior: int = 0
+    # adds a part prior (instructseg.model.part_prior): the same words weigh the connected parts of each mask by
+    # relative size and place, so "the large star" drops the small star the mask also covers (still images)
+    part_prior: bool = False
     num_queries: int = 4  # mask queries the LLM produces (mask2former; 0 disables them for sam2)
     hidden_dim: int = 32  # mask2former width
     decoder_layers: int = 3  # mask2former masked-attention layers

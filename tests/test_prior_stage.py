@@ -17,11 +17,13 @@ from instructseg.model.instructseg import InstructSegModel
 from instructseg.train.recipe import DataSource, PriorStage, load_recipe
 
 
-def _tiny_with_prior(grid: int = 4) -> InstructSegModel:
-    """The tiny random model with a position prior, its SAM2 made to score every object present (a random presence
-    head gates most masks away, and gated objects are what the stage leaves out)."""
+def _tiny_with_prior(grid: int = 4, parts: bool = False) -> InstructSegModel:
+    """The tiny random model with a position prior (and a part prior with `parts`), its SAM2 made to score every
+    object present (a random presence head gates most masks away, and gated objects are what the stage leaves
+    out)."""
     torch.manual_seed(0)
-    model = InstructSegModel(preset("tiny").override([f"decoder.position_prior={grid}"])).eval()
+    model = InstructSegModel(preset("tiny").override([f"decoder.position_prior={grid}",
+                                                      f"decoder.part_prior={str(parts).lower()}"])).eval()
     with torch.no_grad():
         model.decoder.sam.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(20.0)
     return model
@@ -117,7 +119,9 @@ def test_prior_stage_errors(tmp_path, synth_root):
         load_recipe(path)
     assert load_recipe(path, ["prior.steps=3", "train.steps=0"]).prior.samples == 4  # the stage alone is a run
     device = torch.device("cpu")
-    with pytest.raises(InputError, match="no position prior; add decoder.position_prior"):
+    with pytest.raises(InputError, match="prior.fit=\\['size'\\]: expected one or both of position, parts"):
+        load_recipe(path, ["prior.steps=3", "train.steps=0", "prior.fit=[size]"])
+    with pytest.raises(InputError, match="no position or part prior; add decoder.position_prior"):
         collect(InstructSegModel(preset("tiny")), recipe["data"], 4, seed=0, device=device)
     chat = DataSource(kind="chat", root=str(synth_root / "chat"))
     with pytest.raises(InputError, match="source kind 'chat' has no masks"):
@@ -132,26 +136,35 @@ def test_recipe_runs_the_prior_stage_and_a_resume_loads_it(tmp_path, synth_root)
 
     from tests.test_training import REPO, _env, _recipe, _train
 
-    recipe = _recipe(tmp_path, synth_root, steps=1, save_every=1, freeze=["position_prior", "vision"])
+    recipe = _recipe(tmp_path, synth_root, steps=1, save_every=1, freeze=["position_prior", "part_prior", "vision"])
     data = yaml.safe_load(recipe.read_text())
     base = tmp_path / "base"
-    _tiny_with_prior().save_pretrained(base)  # (its SAM2 scores objects present, see _tiny_with_prior)
+    _tiny_with_prior(parts=True).save_pretrained(base)  # (its SAM2 scores objects present, see _tiny_with_prior)
     data["model"] = str(base)
     data["prior"] = {"samples": 10, "steps": 25, "batch_size": 32, "lr": 1e-2, "warmup_steps": 1,
+                     "fit": ["position", "parts"],
                      "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco"), "split": "train"}]}
     recipe.write_text(yaml.safe_dump(data))
     result = _train([str(recipe)])
     assert "prior stage: collecting 10 samples" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "run" / "prior.jsonl").read_text().splitlines()]
-    assert [r["prior_step"] for r in rows] == list(range(1, 26))
+    assert [r["prior_step"] for r in rows if "prior_step" in r] == list(range(1, 26))
+    parts = [r["parts_step"] for r in rows if "parts_step" in r]
+    assert parts == list(range(1, 26)) or ("no object with parts" in result.stdout and not parts)
     stage = load_file(str(tmp_path / "run" / "prior.safetensors"))
-    final = InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict()
     assert float(stage["linear.weight"].abs().max()) > 0
-    assert all(torch.equal(value, final["position_prior." + key]) for key, value in stage.items())
+    assert {k for k in stage if k.startswith("part_prior.")} == {"part_prior.linear.weight", "part_prior.linear.bias",
+                                                                 "part_prior.mean", "part_prior.var", "part_prior.seen"}
+
+    def exported(key: str) -> str:  # prior.safetensors holds the position prior's tensors unprefixed
+        return key if key.startswith("part_prior.") else "position_prior." + key
+
+    final = InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict()
+    assert all(torch.equal(value, final[exported(key)]) for key, value in stage.items())
     result = _train([str(recipe), "train.steps=2"])
     assert "prior stage" not in result.stdout and "resuming from" in result.stdout
     final = InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict()
-    assert all(torch.equal(value, final["position_prior." + key]) for key, value in stage.items())
+    assert all(torch.equal(value, final[exported(key)]) for key, value in stage.items())
     # a new run fitting on the first run's collection: no collection, the same fit for the same fit settings
     cache = str(tmp_path / "run" / "prior_cache.safetensors")
     result = _train([str(recipe), f"output_dir={tmp_path / 'refit'}", f"prior.cache_from={cache}"])
@@ -162,3 +175,20 @@ def test_recipe_runs_the_prior_stage_and_a_resume_loads_it(tmp_path, synth_root)
                             f"output_dir={tmp_path / 'other'}", "prior.samples=11"], capture_output=True, text=True,
                            timeout=600, env=_env(), cwd=REPO)
     assert other.returncode != 0 and "collected with other settings (samples differ)" in other.stderr
+
+
+def test_a_collection_is_keyed_without_the_priors_overrides(tmp_path, synth_root):
+    """The collection runs without the priors, so recipes that only add or size them share a cache; any other
+    override is part of the key."""
+    from instructseg.train.prior_stage import collection_key
+
+    recipe = {"model": "tiny", "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco")}],
+              "prior": {"samples": 4, "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco")}]},
+              "train": {"steps": 0}, "output_dir": str(tmp_path / "run")}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    keys = [collection_key(load_recipe(path, [f"model_overrides={o}"]))
+            for o in ("[decoder.position_prior=4]", "[decoder.part_prior=true]", "[decoder.position_prior=8]", "[]")]
+    assert all(k == keys[0] for k in keys) and keys[0]["model_overrides"] == []
+    other = collection_key(load_recipe(path, ["model_overrides=[decoder.part_prior=true,decoder.dense_prompt=false]"]))
+    assert other["model_overrides"] == ["decoder.dense_prompt=false"]

@@ -58,6 +58,8 @@ class Prompts:
     mask_inputs:   (B, N, S, S) float: a mask that replaces the prediction on this frame.
     From the instruction, when the model has a position prior (instructseg.model.position_prior):
     position_logits: (B, N, g, g) each object's coarse where-prior, added to its grounding map.
+    From the instruction, when the model has a part prior (instructseg.model.part_prior):
+    part_weights: (B, N, F) each object's weights of its mask's parts (`instructseg.decoders.parts`).
     """
 
     object_embeds: torch.Tensor
@@ -67,13 +69,15 @@ class Prompts:
     point_labels: torch.Tensor | None = None
     mask_inputs: torch.Tensor | None = None
     position_logits: torch.Tensor | None = None
+    part_weights: torch.Tensor | None = None
 
     def objects(self, keep) -> "Prompts":
         """The instruction-derived prompts of object slots `keep` (an index or slice of N); visual prompts, which
         belong to one frame, are dropped."""
-        pos = self.position_logits
+        pos, parts = self.position_logits, self.part_weights
         return Prompts(object_embeds=self.object_embeds[:, keep], object_valid=self.object_valid[:, keep],
-                       text_embed=self.text_embed, position_logits=None if pos is None else pos[:, keep])
+                       text_embed=self.text_embed, position_logits=None if pos is None else pos[:, keep],
+                       part_weights=None if parts is None else parts[:, keep])
 
 
 @dataclass
@@ -126,6 +130,16 @@ class MaskDecoder(nn.Module, ABC):
         if prompts.position_logits is None:
             return logits
         return logits + upsample_prior(prompts.position_logits, features.size).to(logits.dtype)
+
+    @staticmethod
+    def with_parts(mask_logits: torch.Tensor, prompts: Prompts) -> torch.Tensor:
+        """`mask_logits` (B, N, S, S) of a frame decoded on its own, with each object's parts weighed by the prompts'
+        part weights, when they carry them (`instructseg.decoders.parts`)."""
+        if prompts.part_weights is None:
+            return mask_logits
+        from instructseg.decoders.parts import choose_parts
+
+        return choose_parts(mask_logits, prompts.part_weights, prompts.object_valid)
 
     def external_parameters(self) -> list[nn.Parameter]:
         """Parameters used outside their owning module's `forward` (ZeRO-3 must gather them with this module)."""

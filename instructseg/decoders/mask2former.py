@@ -172,7 +172,7 @@ class Mask2FormerDecoder(MaskDecoder):
         """See `forward`; as a module call, so that DeepSpeed ZeRO-3 gathers this module's parameters for the
         forward and, through hooks on the plain tensors returned, for the backward."""
         masks, scores = self(features, prompts)
-        return DecoderOutput(mask_logits=masks, score_logits=scores)
+        return DecoderOutput(mask_logits=self.with_parts(masks, prompts), score_logits=scores)
 
     def forward(self, features: FrameFeatures, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks and scores for each sample's object slots on its own frame.

@@ -25,6 +25,7 @@ from instructseg.model.fusion import TextFusion
 from instructseg.model.outputs import Generation, InstructSegOutput, ModelInputs, SequenceStates
 from instructseg.model.perceiver import ObjectAwarePerceiver
 from instructseg.model.prompt_norm import PromptNorm
+from instructseg.model.part_prior import PART_SIZE_ONLY, PartPrior
 from instructseg.model.position_prior import PositionPrior
 from instructseg.model.state_norm import StateNorm
 from instructseg.model.tokens import IMG, MQ, REF, SEG, PromptLayout
@@ -90,6 +91,7 @@ class InstructSegModel(nn.Module):
         self.object_norm, self.text_norm = PromptNorm(dim), PromptNorm(dim)  # prompts cannot collapse
         prior = config.decoder.position_prior
         self.position_prior = PositionPrior(width=hidden, grid=prior) if prior else None
+        self.part_prior = PartPrior(width=hidden) if config.decoder.part_prior else None
         self.state_norm = StateNorm(hidden)  # loaded with the weights, or calibrated on the base LLM now
         self.category_heads = (CategoryHeads(self.vision.width, dim, config.semantic_classes)
                                if config.semantic_classes else None)  # training aid
@@ -166,9 +168,11 @@ class InstructSegModel(nn.Module):
 
     # -- prompts for the decoder ----------------------------------------------------------------------------
     def prompts(self, hidden: torch.Tensor, input_ids: torch.Tensor, instruction_mask: torch.Tensor,
-                features: FrameFeatures, *, prior: bool = True) -> Prompts:
+                features: FrameFeatures, *, prior: bool = True, video: bool = False) -> Prompts:
         """Decoder prompts from the last hidden states (B, L, hidden) of a full sequence; `prior`: with the position
-        prior's maps (when the model has one)."""
+        prior's maps and the part prior's weights (when the model has them). `video`: the prompt came with
+        reference frames; the position prior is then left out, and the part prior weighs the parts by size alone
+        (see `SequenceStates.video`)."""
         hidden = self.state_norm(hidden.float())  # (the LLM may run in bf16)
         token = SEG if self.config.decoder.kind == "sam2" else MQ
         where = input_ids == self.token_ids[token]
@@ -182,11 +186,15 @@ class InstructSegModel(nn.Module):
         slots = slots.masked_scatter(valid[..., None], hidden[where])
         text = self.text_norm(self.fusion(hidden.to(features.tokens.dtype), instruction_mask, features.tokens))
         objects = self.object_norm(self.object_proj(slots.to(text.dtype)), valid)
-        where = None
-        if self.position_prior is not None and prior:
+        where = parts = None
+        if prior and (self.position_prior is not None or self.part_prior is not None):
             words = self.instruction_words(input_ids, instruction_mask)[:, None].expand(*valid.shape, -1)
-            where = self.position_prior(words, valid)
-        return Prompts(object_embeds=objects, object_valid=valid, text_embed=text, position_logits=where)
+            where = None if self.position_prior is None or video else self.position_prior(words, valid)
+            parts = None if self.part_prior is None else self.part_prior(words, valid)
+            if parts is not None and video:
+                parts = parts * parts.new_tensor(PART_SIZE_ONLY)
+        return Prompts(object_embeds=objects, object_valid=valid, text_embed=text, position_logits=where,
+                       part_weights=parts)
 
     def instruction_words(self, input_ids: torch.Tensor, instruction_mask: torch.Tensor) -> torch.Tensor:
         """(B, hidden): the mean input embedding of each sample's instruction tokens (the LLM's own word table; no
@@ -280,9 +288,9 @@ class InstructSegModel(nn.Module):
     def prompts_for(self, states: SequenceStates, features: FrameFeatures) -> Prompts:
         """Decoder prompts on the frame of `features` (B = 1): exactly one object slot per [SEG] of the answer.
         The object embeddings depend on the states only; VMTF fuses the instruction with this frame's features. No
-        position prior for a video (see `SequenceStates.video`)."""
+        position prior for a video, and parts weighed by size alone (see `SequenceStates.video`)."""
         prompts = self.prompts(states.hidden, states.input_ids, states.instruction_mask, features,
-                               prior=not states.video)
+                               video=states.video)
         return self._select(prompts, states.input_ids, features)
 
     def condition(self, inputs: ModelInputs, features: FrameFeatures) -> Prompts:
@@ -311,7 +319,7 @@ def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, st
     decoder = f"pretrained ({config.decoder.checkpoint})" if config.decoder.checkpoint else "random init"
     sources = {"llm": llm, "lora": "new (no adapter loaded)", "vision": vision, "decoder": decoder}
     for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion", "object_norm", "text_norm",
-                 "category_heads", "cell_words", "position_prior"):
+                 "category_heads", "cell_words", "position_prior", "part_prior"):
         sources[part] = "random init"
     sources["state_norm"] = "calibrated on the base LLM" if load_pretrained else "not calibrated"
     return sources

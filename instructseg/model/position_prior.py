@@ -18,50 +18,20 @@ weights start at zero: a model given the head behaves exactly as before until tr
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from instructseg.decoders.base import GROUNDING_SCALE
+from instructseg.model.word_linear import WordLinear
 
 
-class PositionPrior(nn.Module):
+class PositionPrior(WordLinear):
     """forward(inputs (B, N, H), valid (B, N)) -> coarse prior logits (B, N, grid, grid), in the grounding map's
-    units (zero for invalid slots); inputs: each object's instruction words. In training, while its weights train,
-    the valid inputs update the running mean and variance (an average with `momentum`; the first batch sets them)
-    before they are used; a frozen prior keeps its statistics with its weights."""
+    units (zero for invalid slots); inputs: each object's instruction words (see `WordLinear` for the running
+    statistics)."""
 
     def __init__(self, *, width: int, grid: int, momentum: float = 0.05):
-        super().__init__()
+        super().__init__(width=width, out=grid * grid, momentum=momentum)
         self.grid = grid
-        self.momentum = momentum
-        self.linear = nn.Linear(width, grid * grid)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-        self.register_buffer("mean", torch.zeros(width))
-        self.register_buffer("var", torch.ones(width))
-        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
 
     def forward(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        b, n, _ = states.shape
-        x = states[valid].float()  # (M, H)
-        if self.training and self.linear.weight.requires_grad and x.shape[0] > 1:  # frozen: statistics too
-            self._update(x.detach())
-        # per-dimension scale, floored at a tenth of the median spread (dimensions that barely vary stay small)
-        std = self.var.sqrt()
-        std = std.clamp(min=0.1 * float(std.median()) + 1e-6)
-        out = self.linear(((x - self.mean) / std).to(self.linear.weight.dtype))
-        maps = out.new_zeros(b, n, self.grid * self.grid).masked_scatter(valid[..., None], out)
-        return GROUNDING_SCALE * maps.view(b, n, self.grid, self.grid)
-
-    @torch.no_grad()
-    def set_statistics(self, states: torch.Tensor) -> None:
-        """Set the running mean and variance to those of `states` (M, H), as if they were the first batch."""
-        self.seen.zero_()
-        self._update(states.float())
-
-    @torch.no_grad()
-    def _update(self, x: torch.Tensor) -> None:
-        mean, var = x.mean(0), x.var(0)
-        m = 1.0 if int(self.seen) == 0 else self.momentum
-        self.mean.lerp_(mean, m)
-        self.var.lerp_(var, m)
-        self.seen += 1
+        maps = super().forward(states, valid)
+        return GROUNDING_SCALE * maps.view(*maps.shape[:2], self.grid, self.grid)

@@ -1,5 +1,5 @@
-"""The prior stage of a recipe: the position prior (`instructseg.model.position_prior`) fitted alone, on the frozen
-model's own maps, before any joint training.
+"""The prior stage of a recipe: the position prior (`instructseg.model.position_prior`) and the part prior
+(`instructseg.model.part_prior`) fitted alone, on the frozen model's own maps, before any joint training.
 
 Why: trained inside joint training, the prior sees 8 sentences a step, each with a step that also moves the rest of
 the model; on a CPU that is ~5 s per step, and in 600 steps a linear prior learnt position words only to half a
@@ -16,6 +16,8 @@ The loss is the joint training's on these maps: mask BCE + dice (at a quarter of
 grounding loss (BCE + dice + in-image contrastive on the coarse grid), with the same weights. Objects SAM2 scores
 absent are left out (their masks are gated to a constant the prior cannot move). The stage's result is written to
 `OUTPUT/prior.safetensors`; a run that resumes from a checkpoint loads it instead of running the stage again.
+The part prior is fitted after the position prior, on the parts of the cached masks with the position prior added
+(`fit_parts`): the same mask loss, with each part raised or lowered as at inference.
 The collection itself is kept in `OUTPUT/prior_cache.safetensors` (about 37 KB an object: 190 MB for 5000), so that
 another fit (other steps, LR, batch) is a minute's work: a recipe's `prior.cache_from: PATH` reads it instead of
 collecting, after checking that it was collected for the same model, data, samples, seed and jump.
@@ -91,10 +93,15 @@ def _picks(datasets: list, count: int, seed: int) -> list[tuple[int, int]]:
     return picks
 
 
+_PRIOR_OVERRIDES = ("decoder.position_prior=", "decoder.part_prior=")
+
+
 def collection_key(recipe) -> dict:
-    """What decides a collection's content (a cache is reused only for the same key)."""
+    """What decides a collection's content (a cache is reused only for the same key). Overrides that add or size
+    the priors are left out: the collection runs without them."""
     stage, train = recipe.prior, recipe.train
-    return {"model": recipe.model, "model_overrides": list(recipe.model_overrides), "samples": stage.samples,
+    overrides = [o for o in recipe.model_overrides if not o.replace(" ", "").startswith(_PRIOR_OVERRIDES)]
+    return {"model": recipe.model, "model_overrides": overrides, "samples": stage.samples,
             "data": [dataclasses.asdict(source) for source in stage.data], "seed": train.seed, "jump": train.jump}
 
 
@@ -136,8 +143,9 @@ def collect(model, sources, count: int, *, seed: int, device: torch.device, jump
     the key frame, what `fit` needs."""
     from instructseg.data.collate import Collator
 
-    if model.position_prior is None:
-        raise InputError("prior: the model has no position prior; add decoder.position_prior=G to model_overrides")
+    if model.position_prior is None and model.part_prior is None:
+        raise InputError("prior: the model has no position or part prior; add decoder.position_prior=G or "
+                         "decoder.part_prior=true to model_overrides")
     if not hasattr(model.decoder, "sam"):
         raise InputError("prior: the prior stage needs the sam2 decoder (it adds the prior to SAM2's mask logits)")
     datasets = _datasets(sources, seed=seed, num_ref_frames=model.config.perceiver.num_ref_frames, jump=jump)
@@ -184,15 +192,30 @@ def collect(model, sources, count: int, *, seed: int, device: torch.device, jump
     return PriorCache(**{name: torch.stack(values) for name, values in parts.items()})
 
 
-def prior_loss(prior, cache: PriorCache, weights: LossWeights = LossWeights()) -> torch.Tensor:
-    """The joint training's mask and grounding losses on the cached maps with `prior`'s maps added."""
-    coarse = prior(cache.words[:, None], torch.ones(len(cache), 1, dtype=torch.bool, device=cache.words.device))
-    grid = cache.cosine + F.interpolate(coarse[:, 0:1].float(), size=cache.cosine.shape[-2:], mode="bilinear",
-                                        align_corners=False)[:, 0]
+def _words(prior, words: torch.Tensor) -> torch.Tensor:
+    """`prior` (a WordLinear head) on cached words (M, H), one object each: (M, ...)."""
+    return prior(words[:, None], torch.ones(words.shape[0], 1, dtype=torch.bool, device=words.device))[:, 0]
+
+
+def _with_position(prior, cache: PriorCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grounding map, mask logits) of the cached objects with the position prior `prior` (None: without one)."""
+    grid = cache.cosine
+    if prior is not None:
+        grid = grid + F.interpolate(_words(prior, cache.words)[:, None].float(), size=grid.shape[-2:],
+                                    mode="bilinear", align_corners=False)[:, 0]
     masks = cache.masks + F.interpolate(grid[:, None], size=cache.masks.shape[-2:], mode="bilinear",
                                         align_corners=False)[:, 0]
-    mask = weights.mask * sigmoid_bce(masks, cache.mask_targets) + weights.dice * dice_loss(masks, cache.mask_targets)
-    return mask + weights.align * grounding_map_loss(grid, cache.grid_targets)
+    return grid, masks
+
+
+def _mask_loss(masks: torch.Tensor, targets: torch.Tensor, weights: LossWeights) -> torch.Tensor:
+    return weights.mask * sigmoid_bce(masks, targets) + weights.dice * dice_loss(masks, targets)
+
+
+def prior_loss(prior, cache: PriorCache, weights: LossWeights = LossWeights()) -> torch.Tensor:
+    """The joint training's mask and grounding losses on the cached maps with `prior`'s maps added."""
+    grid, masks = _with_position(prior, cache)
+    return _mask_loss(masks, cache.mask_targets, weights) + weights.align * grounding_map_loss(grid, cache.grid_targets)
 
 
 def fit(prior, cache: PriorCache, stage, *, seed: int, log_path: Path | None = None) -> list[float]:
@@ -215,13 +238,109 @@ def fit(prior, cache: PriorCache, stage, *, seed: int, log_path: Path | None = N
         prior.train(was_training)
 
 
+@dataclasses.dataclass
+class PartRows:
+    """The cached objects whose mask (with the position prior) has parts to choose from: words (M, H); masks (M, s,
+    s) their mask logits; labels (M, s, s) their parts (`instructseg.decoders.parts.mask_parts`); features (M, P,
+    F) the parts' features (zero rows past each object's parts); targets (M, s, s)."""
+
+    words: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    features: torch.Tensor
+    targets: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> "PartRows":
+        return PartRows(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+
+@torch.no_grad()
+def part_rows(position_prior, cache: PriorCache, batch: int = 512) -> PartRows | None:
+    """The objects of `cache` with parts to choose from, their masks with `position_prior` (None: without one);
+    None when no object has."""
+    from instructseg.decoders.parts import PART_FEATURES, mask_parts
+
+    keep, labels, features = [], [], []
+    for start in range(0, len(cache), batch):
+        rows = cache.rows(torch.arange(start, min(start + batch, len(cache)), device=cache.words.device))
+        _, masks = _with_position(position_prior, rows)
+        for i, logits in enumerate(masks.float().cpu().numpy()):
+            label, feats = mask_parts(logits)
+            if feats.shape[0]:
+                keep.append(start + i)
+                labels.append(torch.from_numpy(label))
+                features.append(torch.from_numpy(feats))
+    if not keep:
+        return None
+    parts = max(f.shape[0] for f in features)
+    padded = torch.zeros(len(features), parts, PART_FEATURES)
+    for i, f in enumerate(features):
+        padded[i, :f.shape[0]] = f
+    index = torch.tensor(keep, device=cache.words.device)
+    chosen = cache.rows(index)
+    _, masks = _with_position(position_prior, chosen)
+    device = cache.words.device
+    return PartRows(chosen.words, masks, torch.stack(labels).to(device), padded.to(device), chosen.mask_targets)
+
+
+def part_loss(prior, rows: PartRows, weights: LossWeights = LossWeights()) -> torch.Tensor:
+    """The joint training's mask loss on the objects' masks with their parts weighed by `prior` (a PartPrior)."""
+    from instructseg.decoders.parts import part_offsets
+
+    masks = rows.masks + part_offsets(rows.labels, rows.features, _words(prior, rows.words).float())
+    return _mask_loss(masks, rows.targets, weights)
+
+
+def fit_parts(model, cache: PriorCache, stage, *, seed: int, log_path: Path | None = None) -> tuple[int, list[float]]:
+    """Fit the model's part prior on the objects of `cache` whose masks, with the model's position prior, have
+    parts (its statistics set to all cached words first, as the position prior's); (objects, losses). No objects
+    with parts: (0, []) and the prior is left as it is."""
+    prior, position = model.part_prior, model.position_prior
+    prior.set_statistics(cache.words)
+    was_training = position is not None and position.training
+    if position is not None:
+        position.eval()  # read, not trained: its running statistics stay as they are
+    try:
+        rows = part_rows(position, cache)
+    finally:
+        if was_training:
+            position.train()
+    if rows is None:
+        return 0, []
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss_at(step: int) -> torch.Tensor:
+        pick = torch.randint(len(rows.words), (min(stage.batch_size, len(rows.words)),), generator=generator)
+        return part_loss(prior, rows.rows(pick.to(rows.words.device)))
+
+    was_training = prior.training
+    prior.eval()
+    try:
+        return len(rows.words), run_steps(list(prior.parameters()), steps=stage.steps, lr=stage.lr,
+                                          warmup_steps=stage.warmup_steps, loss_at=loss_at, log_path=log_path,
+                                          name="parts", weight_decay=0.0)
+    finally:
+        prior.train(was_training)
+
+
+_PART_PREFIX = "part_prior."  # prior.safetensors: the position prior's tensors unprefixed, the part prior's so
+
+
+def _result_state(model) -> dict[str, torch.Tensor]:
+    state = {}
+    if model.position_prior is not None:
+        state.update(model.position_prior.state_dict())
+    if model.part_prior is not None:
+        state.update({_PART_PREFIX + k: v for k, v in model.part_prior.state_dict().items()})
+    return state
+
+
 def save_result(model, path: Path) -> None:
     from safetensors.torch import save
 
     from instructseg.atomic import write_bytes
 
-    state = {name: value.detach().contiguous().cpu() for name, value in model.position_prior.state_dict().items()}
-    write_bytes(path, save(state))
+    write_bytes(path, save({name: value.detach().contiguous().cpu() for name, value in _result_state(model).items()}))
 
 
 def load_result(model, path: Path) -> None:
@@ -232,7 +351,8 @@ def load_result(model, path: Path) -> None:
         raise InputError(f"{path}: missing; this run's checkpoints were trained after its prior stage and need its "
                          "result (remove the checkpoints to start again)")
     state = load_file(str(path))
-    own = model.position_prior.state_dict()
+    own = _result_state(model)
     if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):
-        raise InputError(f"{path}: does not match the model's position prior (was it written for another model?)")
-    model.position_prior.load_state_dict(state)
+        raise InputError(f"{path}: does not match the model's priors (was it written for another model?)")
+    for name, value in state.items():
+        own[name].copy_(value)

@@ -103,9 +103,10 @@ class EncoderStage:
 
 @dataclass
 class PriorStage:
-    """Before the joint training of a fresh run (skipped on resume): the position prior fitted alone on the frozen
-    model's states and maps for `samples` samples of `data` (`instructseg.train.prior_stage`); needs a model with
-    `decoder.position_prior`."""
+    """Before the joint training of a fresh run (skipped on resume): the position prior and/or the part prior
+    fitted alone on the frozen model's states and maps for `samples` samples of `data`
+    (`instructseg.train.prior_stage`); needs a model with those heads (`decoder.position_prior`,
+    `decoder.part_prior`)."""
 
     samples: int = 0  # samples collected (image sentences, video expressions; 0: no stage)
     steps: int = 300
@@ -116,6 +117,9 @@ class PriorStage:
     # a previous run's OUTPUT/prior_cache.safetensors: fit on it instead of collecting (the same `model` entry and
     # overrides, data, samples, seed and jump required; a model changed on disk under the same path is not noticed)
     cache_from: str | None = None
+    # the priors the stage fits, in this order: "position", "parts" (the parts of the masks with the position prior
+    # applied); a prior not listed keeps the weights the model was loaded with
+    fit: list[str] = field(default_factory=lambda: ["position"])
 
 
 @dataclass
@@ -186,6 +190,8 @@ def _recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
         if p.steps < 1 or p.batch_size < 1 or p.lr <= 0 or p.warmup_steps < 0:
             raise InputError(f"{source}: prior.steps and prior.batch_size must be at least 1, prior.lr > 0 and "
                              f"prior.warmup_steps >= 0; got {p.steps}, {p.batch_size}, {p.lr}, {p.warmup_steps}")
+        if not p.fit or any(name not in ("position", "parts") for name in p.fit) or len(set(p.fit)) < len(p.fit):
+            raise InputError(f"{source}: prior.fit={p.fit}: expected one or both of position, parts")
     return recipe
 
 

@@ -226,13 +226,18 @@ class Trainer:
         """Run the stage on a fresh run; on a resumed one, load its result (every rank computes the same fit)."""
         import torch.distributed as dist
 
-        from instructseg.train.prior_stage import (CACHE, RESULT, collect, collection_key, fit, load_cache,
-                                                   load_result, save_cache, save_result)
+        from instructseg.train.prior_stage import (CACHE, RESULT, collect, collection_key, fit, fit_parts,
+                                                   load_cache, load_result, save_cache, save_result)
 
         if ckpt.latest_complete(self.root) is not None:
             load_result(model, self.out / RESULT)
             return
         stage = self.recipe.prior
+        for name, head in (("position", model.position_prior), ("parts", model.part_prior)):
+            if name in stage.fit and head is None:
+                raise InputError(f"prior.fit lists {name}, but the model has no {name} prior; add "
+                                 f"decoder.{'position_prior=G' if name == 'position' else 'part_prior=true'} to "
+                                 "model_overrides")
         key = collection_key(self.recipe)
         model.to(self.device)
         if stage.cache_from:
@@ -244,11 +249,19 @@ class Trainer:
                             jump=self.recipe.train.jump, progress=self.rank == 0)
             if self.rank == 0:
                 save_cache(cache, self.out / CACHE, key)
-        losses = fit(model.position_prior, cache.to(self.device), stage, seed=self.recipe.train.seed, log_path=log)
+        cache = cache.to(self.device)
+        report = [f"prior stage: {len(cache)} objects"]
+        if "position" in stage.fit:
+            losses = fit(model.position_prior, cache, stage, seed=self.recipe.train.seed, log_path=log)
+            report.append(f"position loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if "parts" in stage.fit:
+            count, losses = fit_parts(model, cache, stage, seed=self.recipe.train.seed, log_path=log)
+            tail = sum(losses[-20:]) / max(len(losses[-20:]), 1)
+            report.append(f"{count} with parts, part loss {losses[0]:.3f} -> {tail:.3f}" if losses
+                          else "no object with parts: the part prior is left as it is")
         if self.rank == 0:
             save_result(model, self.out / RESULT)
-            tail = losses[-20:]
-            print(f"prior stage: {len(cache)} objects, loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f}", flush=True)
+            print(", ".join(report), flush=True)
         dist.barrier()
 
     def _data(self, model, collate):
