@@ -173,7 +173,6 @@ class SAM2Decoder(MaskDecoder):
             else:
                 key = min(keys, key=lambda k: (abs(k - t), k))
                 free = self._heads(features, key_prompts[key].objects(slice(None)))  # no clicks
-                free["pred_masks_high_res"] = self._weigh(free["pred_masks_high_res"], key_prompts[key])
                 found = (free["object_score_logits"][:, 0].sigmoid() >= redetect.min_score) & ~clicked  # (N,)
                 found &= _iou(free["pred_masks_high_res"][:, 0] > 0, shown[prev]) >= redetect.min_iou
                 out = free if bool(found.all()) and n else track(t, feats, pos, sizes, features, None, reverse,
@@ -200,19 +199,11 @@ class SAM2Decoder(MaskDecoder):
                 masks = prompt.mask_inputs.reshape(n, 1, *prompt.mask_inputs.shape[-2:])
             elif prompt is not None:
                 inputs = self._prompt(features, prompt)
-            weigh = inputs is not None and prompt.part_weights is not None  # the memory encodes the chosen parts
-            out = self.sam.track_step(frame_idx=t, is_init_cond_frame=prompt is not None,
-                                      current_vision_feats=feats, current_vision_pos_embeds=pos,
-                                      feat_sizes=sizes, point_inputs=inputs, mask_inputs=masks,
-                                      output_dict=memory, num_frames=num_frames, track_in_reverse=reverse,
-                                      run_mem_encoder=encode_memory and not weigh)
-            if weigh:
-                out["pred_masks_high_res"] = self._weigh(out["pred_masks_high_res"], prompt)
-                if encode_memory:
-                    out["maskmem_features"], out["maskmem_pos_enc"] = self.sam._encode_new_memory(
-                        current_vision_feats=feats, feat_sizes=sizes, pred_masks_high_res=out["pred_masks_high_res"],
-                        object_score_logits=out["object_score_logits"], is_mask_from_pts=True)
-            return out
+            return self.sam.track_step(frame_idx=t, is_init_cond_frame=prompt is not None,
+                                       current_vision_feats=feats, current_vision_pos_embeds=pos,
+                                       feat_sizes=sizes, point_inputs=inputs, mask_inputs=masks,
+                                       output_dict=memory, num_frames=num_frames, track_in_reverse=reverse,
+                                       run_mem_encoder=encode_memory)
 
         for t in keys:
             yield t, step(t, key_prompts[t], reverse=False)
@@ -223,10 +214,6 @@ class SAM2Decoder(MaskDecoder):
                     continue
                 yield t, step(t, None, reverse=direction)
                 self._forget(memory, t, direction)
-
-    def _weigh(self, masks: torch.Tensor, prompt: Prompts) -> torch.Tensor:
-        """(N, 1, S, S) high-resolution masks of one frame with the prompt's part weights applied (when it has them)."""
-        return self.with_parts(masks.view(1, -1, *masks.shape[-2:]), prompt).view(masks.shape)
 
     def _forget(self, memory: dict, t: int, reverse: bool) -> None:
         """Drop non-conditioning outputs SAM2 can no longer attend to, so memory stays flat on long videos."""

@@ -23,9 +23,9 @@ from instructseg.model.category_heads import CategoryHeads
 from instructseg.model.cell_words import CellWords
 from instructseg.model.fusion import TextFusion
 from instructseg.model.outputs import Generation, InstructSegOutput, ModelInputs, SequenceStates
+from instructseg.model.part_prior import PartPrior
 from instructseg.model.perceiver import ObjectAwarePerceiver
 from instructseg.model.prompt_norm import PromptNorm
-from instructseg.model.part_prior import PART_SIZE_ONLY, PartPrior
 from instructseg.model.position_prior import PositionPrior
 from instructseg.model.state_norm import StateNorm
 from instructseg.model.tokens import IMG, MQ, REF, SEG, PromptLayout
@@ -168,11 +168,9 @@ class InstructSegModel(nn.Module):
 
     # -- prompts for the decoder ----------------------------------------------------------------------------
     def prompts(self, hidden: torch.Tensor, input_ids: torch.Tensor, instruction_mask: torch.Tensor,
-                features: FrameFeatures, *, prior: bool = True, video: bool = False) -> Prompts:
+                features: FrameFeatures, *, prior: bool = True) -> Prompts:
         """Decoder prompts from the last hidden states (B, L, hidden) of a full sequence; `prior`: with the position
-        prior's maps and the part prior's weights (when the model has them). `video`: the prompt came with
-        reference frames; the position prior is then left out, and the part prior weighs the parts by size alone
-        (see `SequenceStates.video`)."""
+        prior's maps and the part prior's weights (when the model has them)."""
         hidden = self.state_norm(hidden.float())  # (the LLM may run in bf16)
         token = SEG if self.config.decoder.kind == "sam2" else MQ
         where = input_ids == self.token_ids[token]
@@ -189,10 +187,8 @@ class InstructSegModel(nn.Module):
         where = parts = None
         if prior and (self.position_prior is not None or self.part_prior is not None):
             words = self.instruction_words(input_ids, instruction_mask)[:, None].expand(*valid.shape, -1)
-            where = None if self.position_prior is None or video else self.position_prior(words, valid)
+            where = None if self.position_prior is None else self.position_prior(words, valid)
             parts = None if self.part_prior is None else self.part_prior(words, valid)
-            if parts is not None and video:
-                parts = parts * parts.new_tensor(PART_SIZE_ONLY)
         return Prompts(object_embeds=objects, object_valid=valid, text_embed=text, position_logits=where,
                        part_weights=parts)
 
@@ -288,9 +284,9 @@ class InstructSegModel(nn.Module):
     def prompts_for(self, states: SequenceStates, features: FrameFeatures) -> Prompts:
         """Decoder prompts on the frame of `features` (B = 1): exactly one object slot per [SEG] of the answer.
         The object embeddings depend on the states only; VMTF fuses the instruction with this frame's features. No
-        position prior for a video, and parts weighed by size alone (see `SequenceStates.video`)."""
+        position or part prior for a video (see `SequenceStates.video`)."""
         prompts = self.prompts(states.hidden, states.input_ids, states.instruction_mask, features,
-                               video=states.video)
+                               prior=not states.video)
         return self._select(prompts, states.input_ids, features)
 
     def condition(self, inputs: ModelInputs, features: FrameFeatures) -> Prompts:

@@ -89,8 +89,8 @@ class SequenceStates:
     hidden: (1, L, H). input_ids: (1, L) long. instruction_mask: (1, L) bool.
     video: the prompt came with reference frames. The position prior is then left out: it reads where the target is
     from the instruction's words, and a video's words often describe other frames than the key frame ("moving
-    right", "ends nearest the top"; docs/default_model.md, "The prior stage"). The part prior weighs a video's
-    mask parts by their size alone, which does not change from frame to frame.
+    right", "ends nearest the top"; docs/default_model.md, "The prior stage"). So is the part prior: weighing
+    a video's key-frame parts by size alone cost ReVOS reasoning 1.4 J&F (docs/default_model.md, "A part choice").
     """
 
     hidden: torch.Tensor
