@@ -24,6 +24,7 @@ collecting, after checking that it was collected for the same model, data, sampl
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -218,24 +219,42 @@ def prior_loss(prior, cache: PriorCache, weights: LossWeights = LossWeights()) -
     return _mask_loss(masks, cache.mask_targets, weights) + weights.align * grounding_map_loss(grid, cache.grid_targets)
 
 
+@contextlib.contextmanager
+def _in_eval(module):
+    """`module` in eval mode inside the block (a WordLinear head's running statistics do not move), then back to
+    the mode it had; nothing for None."""
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            module.train()
+
+
+def _fit_head(head, rows, loss, stage, *, seed: int, log_path: Path | None, name: str) -> list[float]:
+    """`stage.steps` AdamW steps on `head`'s parameters (warm-up, cosine decay to a tenth), each on
+    `stage.batch_size` of `rows` drawn with `seed`, `loss(head, batch)` giving the loss; `head` in eval mode
+    throughout. Returns the losses."""
+    generator = torch.Generator().manual_seed(seed)
+    count = len(rows)
+
+    def loss_at(step: int) -> torch.Tensor:
+        pick = torch.randint(count, (min(stage.batch_size, count),), generator=generator)
+        return loss(head, rows.rows(pick.to(rows.words.device)))
+
+    with _in_eval(head):
+        return run_steps(list(head.parameters()), steps=stage.steps, lr=stage.lr, warmup_steps=stage.warmup_steps,
+                         loss_at=loss_at, log_path=log_path, name=name, weight_decay=0.0)
+
+
 def fit(prior, cache: PriorCache, stage, *, seed: int, log_path: Path | None = None) -> list[float]:
     """Fit `prior` (the model's position prior) on `cache`: its running statistics are set to the cached inputs'
     first, then `stage.steps` AdamW steps on batches of `stage.batch_size` objects (warm-up, cosine decay to a
     tenth). Returns the losses."""
     prior.set_statistics(cache.words)
-    generator = torch.Generator().manual_seed(seed)
-
-    def loss_at(step: int) -> torch.Tensor:
-        rows = torch.randint(len(cache), (min(stage.batch_size, len(cache)),), generator=generator)
-        return prior_loss(prior, cache.rows(rows.to(cache.words.device)))
-
-    was_training = prior.training
-    prior.eval()  # the statistics stay those of the cache
-    try:
-        return run_steps(list(prior.parameters()), steps=stage.steps, lr=stage.lr, warmup_steps=stage.warmup_steps,
-                         loss_at=loss_at, log_path=log_path, name="prior", weight_decay=0.0)
-    finally:
-        prior.train(was_training)
+    return _fit_head(prior, cache, prior_loss, stage, seed=seed, log_path=log_path, name="prior")
 
 
 @dataclasses.dataclass
@@ -250,6 +269,9 @@ class PartRows:
     features: torch.Tensor
     targets: torch.Tensor
 
+    def __len__(self) -> int:
+        return self.words.shape[0]
+
     def rows(self, index: torch.Tensor) -> "PartRows":
         return PartRows(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
@@ -260,14 +282,15 @@ def part_rows(position_prior, cache: PriorCache, batch: int = 512) -> PartRows |
     None when no object has."""
     from instructseg.decoders.parts import PART_FEATURES, mask_parts
 
-    keep, labels, features = [], [], []
+    keep, masks, labels, features = [], [], [], []
     for start in range(0, len(cache), batch):
         rows = cache.rows(torch.arange(start, min(start + batch, len(cache)), device=cache.words.device))
-        _, masks = _with_position(position_prior, rows)
-        for i, logits in enumerate(masks.float().cpu().numpy()):
-            label, feats = mask_parts(logits)
+        _, logits = _with_position(position_prior, rows)
+        for i, row in enumerate(logits.float().cpu().numpy()):
+            label, feats = mask_parts(row)
             if feats.shape[0]:
                 keep.append(start + i)
+                masks.append(logits[i])
                 labels.append(torch.from_numpy(label))
                 features.append(torch.from_numpy(feats))
     if not keep:
@@ -276,11 +299,10 @@ def part_rows(position_prior, cache: PriorCache, batch: int = 512) -> PartRows |
     padded = torch.zeros(len(features), parts, PART_FEATURES)
     for i, f in enumerate(features):
         padded[i, :f.shape[0]] = f
-    index = torch.tensor(keep, device=cache.words.device)
-    chosen = cache.rows(index)
-    _, masks = _with_position(position_prior, chosen)
     device = cache.words.device
-    return PartRows(chosen.words, masks, torch.stack(labels).to(device), padded.to(device), chosen.mask_targets)
+    chosen = cache.rows(torch.tensor(keep, device=device))
+    return PartRows(chosen.words, torch.stack(masks), torch.stack(labels).to(device), padded.to(device),
+                    chosen.mask_targets)
 
 
 def part_loss(prior, rows: PartRows, weights: LossWeights = LossWeights()) -> torch.Tensor:
@@ -295,32 +317,12 @@ def fit_parts(model, cache: PriorCache, stage, *, seed: int, log_path: Path | No
     """Fit the model's part prior on the objects of `cache` whose masks, with the model's position prior, have
     parts (its statistics set to all cached words first, as the position prior's); (objects, losses). No objects
     with parts: (0, []) and the prior is left as it is."""
-    prior, position = model.part_prior, model.position_prior
-    prior.set_statistics(cache.words)
-    was_training = position is not None and position.training
-    if position is not None:
-        position.eval()  # read, not trained: its running statistics stay as they are
-    try:
-        rows = part_rows(position, cache)
-    finally:
-        if was_training:
-            position.train()
+    model.part_prior.set_statistics(cache.words)
+    with _in_eval(model.position_prior):  # read, not trained: its running statistics stay as they are
+        rows = part_rows(model.position_prior, cache)
     if rows is None:
         return 0, []
-    generator = torch.Generator().manual_seed(seed)
-
-    def loss_at(step: int) -> torch.Tensor:
-        pick = torch.randint(len(rows.words), (min(stage.batch_size, len(rows.words)),), generator=generator)
-        return part_loss(prior, rows.rows(pick.to(rows.words.device)))
-
-    was_training = prior.training
-    prior.eval()
-    try:
-        return len(rows.words), run_steps(list(prior.parameters()), steps=stage.steps, lr=stage.lr,
-                                          warmup_steps=stage.warmup_steps, loss_at=loss_at, log_path=log_path,
-                                          name="parts", weight_decay=0.0)
-    finally:
-        prior.train(was_training)
+    return len(rows), _fit_head(model.part_prior, rows, part_loss, stage, seed=seed, log_path=log_path, name="parts")
 
 
 _PART_PREFIX = "part_prior."  # prior.safetensors: the position prior's tensors unprefixed, the part prior's so

@@ -251,13 +251,13 @@ class Trainer:
                 save_cache(cache, self.out / CACHE, key)
         cache = cache.to(self.device)
         report = [f"prior stage: {len(cache)} objects"]
+        trend = lambda losses: f"{losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}"  # noqa: E731
         if "position" in stage.fit:
             losses = fit(model.position_prior, cache, stage, seed=self.recipe.train.seed, log_path=log)
-            report.append(f"position loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            report.append(f"position loss {trend(losses)}")
         if "parts" in stage.fit:
             count, losses = fit_parts(model, cache, stage, seed=self.recipe.train.seed, log_path=log)
-            tail = sum(losses[-20:]) / max(len(losses[-20:]), 1)
-            report.append(f"{count} with parts, part loss {losses[0]:.3f} -> {tail:.3f}" if losses
+            report.append(f"{count} with parts, part loss {trend(losses)}" if losses
                           else "no object with parts: the part prior is left as it is")
         if self.rank == 0:
             save_result(model, self.out / RESULT)
