@@ -100,6 +100,9 @@ class DecoderConfig:
     # adds a part prior (instructseg.model.part_prior): the same words weigh the connected parts of each mask by
     # relative size and place, so "the large star" drops the small star the mask also covers (still images)
     part_prior: bool = False
+    # adds a track prior (instructseg.model.track_prior): the same words choose among the separately tracked parts
+    # of each video mask by their tracks ("the blue shape moving right" when the mask covers every blue shape)
+    track_prior: bool = False
     num_queries: int = 4  # mask queries the LLM produces (mask2former; 0 disables them for sam2)
     hidden_dim: int = 32  # mask2former width
     decoder_layers: int = 3  # mask2former masked-attention layers

@@ -95,3 +95,36 @@ def test_commands_without_model_use_the_default(unseen, tmp_path):
     assert main(["segment", str(image), "segment the red circle", "--out", str(tmp_path / "out")]) == 0
     data = json.loads((tmp_path / "out" / "result.json").read_text())
     assert data["instruction"] == "segment the red circle"
+
+
+def test_default_chooses_between_look_alikes_by_their_tracks(default, tmp_path):
+    """Two red circles, one moving right along the top, one moving left along the bottom: the mask of "the red
+    circle moving right" covers both before the track choice and the right one after it (measured: IoU 0.92 and
+    0.0; 0.48 and 0.48 without the choice)."""
+    import dataclasses
+
+    from PIL import Image
+
+    from instructseg.data.synthetic_scene import Scene, ShapeObject, render
+    from instructseg.inference.io import open_source
+
+    frames, size = 8, 128
+    xs = np.linspace(30, 98, frames)
+    circles = [ShapeObject(obj_id=i + 1, shape="circle", colour="red", size="large", radius=0.15 * size, angle=0.0,
+                           centres=np.stack([x, np.full(frames, y)], 1), motion="bounce", speed=9.7)
+               for i, (y, x) in enumerate(((32, xs), (96, xs[::-1])))]
+    drawn = render(Scene(size, size, np.full((size, size, 3), 90, np.uint8), circles))
+    for t in range(frames):
+        Image.fromarray(drawn.frames[t]).save(tmp_path / f"{t:05d}.png")
+    source = open_source(tmp_path)
+    answer = default.answer(source, "segment the red circle moving right")
+    assert answer.num_objects == 1 and answer.track_weights is not None
+
+    def ious(a):
+        masks = np.stack([f.masks[0] for f in sorted(default.frames(source, a), key=lambda f: f.index)])
+        return [iou(masks, drawn.visible[i]) for i in range(2)]
+
+    right, left = ious(answer)
+    assert right > 0.8 and left < 0.05, (right, left)
+    right, left = ious(dataclasses.replace(answer, track_weights=None))
+    assert right < 0.6 and left > 0.3, (right, left)

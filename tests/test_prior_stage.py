@@ -119,7 +119,7 @@ def test_prior_stage_errors(tmp_path, synth_root):
         load_recipe(path)
     assert load_recipe(path, ["prior.steps=3", "train.steps=0"]).prior.samples == 4  # the stage alone is a run
     device = torch.device("cpu")
-    with pytest.raises(InputError, match="prior.fit=\\['size'\\]: expected one or both of position, parts"):
+    with pytest.raises(InputError, match="prior.fit=\\['size'\\]: expected one or more of position, parts, tracks"):
         load_recipe(path, ["prior.steps=3", "train.steps=0", "prior.fit=[size]"])
     with pytest.raises(InputError, match="no position or part prior; add decoder.position_prior"):
         collect(InstructSegModel(preset("tiny")), recipe["data"], 4, seed=0, device=device)
@@ -192,3 +192,31 @@ def test_a_collection_is_keyed_without_the_priors_overrides(tmp_path, synth_root
     assert all(k == keys[0] for k in keys) and keys[0]["model_overrides"] == []
     other = collection_key(load_recipe(path, ["model_overrides=[decoder.part_prior=true,decoder.dense_prompt=false]"]))
     assert other["model_overrides"] == ["decoder.dense_prompt=false"]
+
+
+@pytest.mark.slow
+def test_a_tracks_only_stage_fits_the_track_prior_without_collecting(tmp_path, synth_root):
+    """`prior.fit: [tracks]`: ground-truth tracks only (no collection), exported with the model."""
+    from safetensors.torch import load_file
+
+    from tests.test_training import _recipe, _train
+
+    recipe = _recipe(tmp_path, synth_root, steps=0)
+    data = yaml.safe_load(recipe.read_text())
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    InstructSegModel(preset("tiny").override(["decoder.track_prior=true"])).save_pretrained(base)
+    data["model"] = str(base)
+    data["prior"] = {"samples": 1, "steps": 20, "batch_size": 16, "lr": 1e-2, "warmup_steps": 1, "fit": ["tracks"],
+                     "data": [{"kind": "revos", "root": str(synth_root / "revos"), "split": "train"}]}
+    recipe.write_text(yaml.safe_dump(data))
+    result = _train([str(recipe)])
+    assert "prior stage: the track prior" in result.stdout and "collecting" not in result.stdout
+    assert "video expressions with candidates, track loss" in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "prior.jsonl").read_text().splitlines()]
+    assert [r["tracks_step"] for r in rows if "tracks_step" in r] == list(range(1, 21))
+    stage = load_file(str(tmp_path / "run" / "prior.safetensors"))
+    assert set(stage) == {f"track_prior.{k}" for k in ("linear.weight", "linear.bias", "mean", "var", "seen")}
+    assert float(stage["track_prior.linear.weight"].abs().max()) > 0
+    final = InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict()
+    assert all(torch.equal(value, final[key]) for key, value in stage.items())

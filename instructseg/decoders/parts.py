@@ -19,16 +19,16 @@ PART_FEATURES = 3  # log area, centre x, centre y: each minus its mean over the 
 MIN_SHARE = 0.05   # parts smaller than this share of the largest part are specks: left as they are
 
 
-def mask_parts(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mask_parts(logits: np.ndarray, min_parts: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """(labels (H, W) int: 1..P for the counted parts of `logits > 0`, 0 elsewhere; features (P, PART_FEATURES)).
-    No parts (P = 0) when fewer than two are counted."""
+    No parts (P = 0) when fewer than `min_parts` are counted."""
     labels, count = ndimage.label(logits > 0)
     none = np.zeros(logits.shape, np.int64), np.zeros((0, PART_FEATURES), np.float32)
-    if count < 2:
+    if count < max(min_parts, 1):
         return none
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(np.float64)
     keep = np.flatnonzero(areas >= MIN_SHARE * areas.max())
-    if keep.size < 2:
+    if keep.size < min_parts:
         return none
     relabel = np.zeros(count + 1, np.int64)
     relabel[keep + 1] = np.arange(1, keep.size + 1)

@@ -6,7 +6,9 @@ Modes for video:
   propagates the key-frame masks to every frame, forwards and backwards (Sa2VA-i: uniform key frames), and every
   tracked frame is re-detected from the nearest key frame's prompts (`decoders.sam2.Redetect`). One LLM call per
   video; each frame is encoded by the decoder once. The LLM runs in bfloat16 where the hardware has it
-  (`llm_dtype="auto"`).
+  (`llm_dtype="auto"`). With a track prior (`instructseg.inference.track_choice`), the parts of an object's mask
+  that the instruction does not mean by their tracks are cleared; finding them costs one more decoder pass over
+  the video, before the first frame is out, when some object's first key-frame mask has parts.
 - `per-frame`: InstructSeg's protocol, the baseline: every frame goes through the LLM with its reference frames
   and is decoded on its own.
 Results stream frame by frame (`stream`), so a long video never holds all frames or all masks in memory.
@@ -68,6 +70,7 @@ class Answer:
     key_prompts: dict[int, Prompts]
     llm_calls: int  # LLM passes so far (generation + teacher-forced); per-frame decoding adds to it
     key_features: dict[int, FrameFeatures] = field(default_factory=dict)  # decoder features of the key frames
+    track_weights: torch.Tensor | None = None  # (N, F + 1) the track prior's, for a video (track_choice)
 
 
 class InstructSegPredictor:
@@ -153,6 +156,9 @@ class InstructSegPredictor:
         with torch.inference_mode():
             gen = self.model.generate(first)
             prompts, features = {keys[0]: gen.prompts}, {keys[0]: gen.features}
+            # the track choice (videos, propagate mode) leaves a user's corrections as they are
+            choice = frames.is_video and gen.num_objects and mode == "propagate" and not refinements
+            weights = self.model.track_weights(gen.states) if choice else None
             if gen.num_objects and mode == "propagate":
                 for t in keys[1:]:  # the answer's states prompt every key frame: no further LLM call
                     features[t] = self.model.decoder.encode(self._tensor(frames, t)[None])
@@ -160,7 +166,7 @@ class InstructSegPredictor:
         for t, refinement in (refinements or {}).items():
             prompts[t] = self._refine(frames, prompts, t, refinement, gen.num_objects)
         return Answer(text=gen.text, raw_text=gen.raw_text, num_objects=gen.num_objects, key_prompts=prompts,
-                      llm_calls=1, key_features=features)
+                      llm_calls=1, key_features=features, track_weights=weights)
 
     def _inputs(self, frames: FrameSource, t: int, instruction: str, answer: str | None,
                 history: list[tuple[str, str]]) -> ModelInputs:
@@ -197,11 +203,24 @@ class InstructSegPredictor:
 
                     kwargs["redetect"] = Redetect()
                 outputs = self.model.decoder.propagate(frame_at, len(frames), answer.key_prompts, **kwargs)
+                if answer.track_weights is not None and self.model.config.decoder.kind == "sam2":
+                    outputs = self._chosen(frame_at, len(frames), answer, outputs)
             else:
                 features = self.model.decoder.features_at(0, frame_at, dict(answer.key_features))
                 outputs = iter([(0, self.model.decoder.decode(features, answer.key_prompts[0]))])
             for t, out in outputs:
                 yield self._frame_result(frames, t, out)
+
+    def _chosen(self, frame_at, num_frames: int, answer: Answer,
+                outputs: Iterator[tuple[int, DecoderOutput]]) -> Iterator[tuple[int, DecoderOutput]]:
+        """`outputs` with the parts of each object's mask that the track prior does not keep cleared
+        (`instructseg.inference.track_choice`; decided before the first frame is out)."""
+        from instructseg.inference.track_choice import choose_tracks
+
+        choice = choose_tracks(self.model.decoder, frame_at, num_frames, answer.key_prompts, answer.key_features,
+                               answer.track_weights)
+        for t, out in outputs:
+            yield t, DecoderOutput(mask_logits=choice.apply(t, out.mask_logits), score_logits=out.score_logits)
 
     def _per_frame(self, frames: FrameSource, answer: Answer, instruction: str,
                    history: list[tuple[str, str]]) -> Iterator[tuple[int, DecoderOutput]]:

@@ -5,7 +5,7 @@ from instructseg.model.checkpoint import load_model
 
 COMPONENTS = ("vision", "projector", "perceiver", "mask_queries", "llm", "object_proj", "fusion", "object_norm",
               "text_norm", "decoder", "category_heads", "cell_words", "position_prior",
-              "part_prior")
+              "part_prior", "track_prior")
 
 
 def parameter_table(model) -> list[tuple[str, int, int, str]]:

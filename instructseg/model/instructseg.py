@@ -27,6 +27,7 @@ from instructseg.model.part_prior import PartPrior
 from instructseg.model.perceiver import ObjectAwarePerceiver
 from instructseg.model.prompt_norm import PromptNorm
 from instructseg.model.position_prior import PositionPrior
+from instructseg.model.track_prior import TrackPrior
 from instructseg.model.state_norm import StateNorm
 from instructseg.model.tokens import IMG, MQ, REF, SEG, PromptLayout
 from instructseg.model.vision import VisionEncoder
@@ -92,6 +93,7 @@ class InstructSegModel(nn.Module):
         prior = config.decoder.position_prior
         self.position_prior = PositionPrior(width=hidden, grid=prior) if prior else None
         self.part_prior = PartPrior(width=hidden) if config.decoder.part_prior else None
+        self.track_prior = TrackPrior(width=hidden) if config.decoder.track_prior else None
         self.state_norm = StateNorm(hidden)  # loaded with the weights, or calibrated on the base LLM now
         self.category_heads = (CategoryHeads(self.vision.width, dim, config.semantic_classes)
                                if config.semantic_classes else None)  # training aid
@@ -289,6 +291,16 @@ class InstructSegModel(nn.Module):
                                prior=not states.video)
         return self._select(prompts, states.input_ids, features)
 
+    @torch.no_grad()
+    def track_weights(self, states: SequenceStates) -> torch.Tensor | None:
+        """(K, TRACK_FEATURES + 1): the track prior's weights and bias for each of the answer's K [SEG] objects
+        (`instructseg.inference.track_choice`); None without a track prior."""
+        if self.track_prior is None:
+            return None
+        k = int((states.input_ids == self.token_ids[SEG]).sum())
+        words = self.instruction_words(states.input_ids, states.instruction_mask)[:, None].expand(1, k, -1)
+        return self.track_prior(words, torch.ones(1, k, dtype=torch.bool, device=words.device))[0]
+
     def condition(self, inputs: ModelInputs, features: FrameFeatures) -> Prompts:
         """Decoder prompts for one prompt whose answer is already in `input_ids` (B = 1), on its own key frame."""
         return self.prompts_for(self.states(inputs, features=features), features)
@@ -315,7 +327,7 @@ def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, st
     decoder = f"pretrained ({config.decoder.checkpoint})" if config.decoder.checkpoint else "random init"
     sources = {"llm": llm, "lora": "new (no adapter loaded)", "vision": vision, "decoder": decoder}
     for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion", "object_norm", "text_norm",
-                 "category_heads", "cell_words", "position_prior", "part_prior"):
+                 "category_heads", "cell_words", "position_prior", "part_prior", "track_prior"):
         sources[part] = "random init"
     sources["state_norm"] = "calibrated on the base LLM" if load_pretrained else "not calibrated"
     return sources

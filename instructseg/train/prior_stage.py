@@ -37,6 +37,7 @@ from tqdm import tqdm
 from instructseg.errors import InputError
 from instructseg.llm.precision import native_bf16
 from instructseg.train.losses import LossWeights, dice_loss, grounding_map_loss, sigmoid_bce
+from instructseg.train.rows import Rows
 from instructseg.train.stage_steps import run_steps
 
 RESULT = "prior.safetensors"
@@ -45,7 +46,7 @@ MASK_SCALE = 4  # the mask term is computed at 1/4 of the decoder's resolution (
 
 
 @dataclasses.dataclass
-class PriorCache:
+class PriorCache(Rows):
     """Per object: words (M, H) its instruction's mean word embedding (what the prior reads); cosine (M, h, w)
     grounding logits without the prior; masks (M, s, s) SAM2's mask logits without the prior; mask_targets (M, s, s)
     and grid_targets (M, h, w): the object's mask as area fractions at those sizes."""
@@ -55,15 +56,6 @@ class PriorCache:
     masks: torch.Tensor
     mask_targets: torch.Tensor
     grid_targets: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.words.shape[0]
-
-    def rows(self, index: torch.Tensor) -> "PriorCache":
-        return PriorCache(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
-
-    def to(self, device: torch.device) -> "PriorCache":
-        return PriorCache(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
 def _datasets(sources, *, seed: int, num_ref_frames: int, jump: int) -> list:
@@ -94,7 +86,7 @@ def _picks(datasets: list, count: int, seed: int) -> list[tuple[int, int]]:
     return picks
 
 
-_PRIOR_OVERRIDES = ("decoder.position_prior=", "decoder.part_prior=")
+_PRIOR_OVERRIDES = ("decoder.position_prior=", "decoder.part_prior=", "decoder.track_prior=")
 
 
 def collection_key(recipe) -> dict:
@@ -233,7 +225,7 @@ def _in_eval(module):
             module.train()
 
 
-def _fit_head(head, rows, loss, stage, *, seed: int, log_path: Path | None, name: str) -> list[float]:
+def fit_head(head, rows, loss, stage, *, seed: int, log_path: Path | None, name: str) -> list[float]:
     """`stage.steps` AdamW steps on `head`'s parameters (warm-up, cosine decay to a tenth), each on
     `stage.batch_size` of `rows` drawn with `seed`, `loss(head, batch)` giving the loss; `head` in eval mode
     throughout. Returns the losses."""
@@ -254,11 +246,11 @@ def fit(prior, cache: PriorCache, stage, *, seed: int, log_path: Path | None = N
     first, then `stage.steps` AdamW steps on batches of `stage.batch_size` objects (warm-up, cosine decay to a
     tenth). Returns the losses."""
     prior.set_statistics(cache.words)
-    return _fit_head(prior, cache, prior_loss, stage, seed=seed, log_path=log_path, name="prior")
+    return fit_head(prior, cache, prior_loss, stage, seed=seed, log_path=log_path, name="prior")
 
 
 @dataclasses.dataclass
-class PartRows:
+class PartRows(Rows):
     """The cached objects whose mask (with the position prior) has parts to choose from: words (M, H); masks (M, s,
     s) their mask logits; labels (M, s, s) their parts (`instructseg.decoders.parts.mask_parts`); features (M, P,
     F) the parts' features (zero rows past each object's parts); targets (M, s, s)."""
@@ -268,12 +260,6 @@ class PartRows:
     labels: torch.Tensor
     features: torch.Tensor
     targets: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.words.shape[0]
-
-    def rows(self, index: torch.Tensor) -> "PartRows":
-        return PartRows(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
 @torch.no_grad()
@@ -322,10 +308,11 @@ def fit_parts(model, cache: PriorCache, stage, *, seed: int, log_path: Path | No
         rows = part_rows(model.position_prior, cache)
     if rows is None:
         return 0, []
-    return len(rows), _fit_head(model.part_prior, rows, part_loss, stage, seed=seed, log_path=log_path, name="parts")
+    return len(rows), fit_head(model.part_prior, rows, part_loss, stage, seed=seed, log_path=log_path, name="parts")
 
 
 _PART_PREFIX = "part_prior."  # prior.safetensors: the position prior's tensors unprefixed, the part prior's so
+_TRACK_PREFIX = "track_prior."  # and the track prior's so
 
 
 def _result_state(model) -> dict[str, torch.Tensor]:
@@ -334,6 +321,8 @@ def _result_state(model) -> dict[str, torch.Tensor]:
         state.update(model.position_prior.state_dict())
     if model.part_prior is not None:
         state.update({_PART_PREFIX + k: v for k, v in model.part_prior.state_dict().items()})
+    if model.track_prior is not None:
+        state.update({_TRACK_PREFIX + k: v for k, v in model.track_prior.state_dict().items()})
     return state
 
 

@@ -101,12 +101,16 @@ class EncoderStage:
     train: list[str] = field(default_factory=list)
 
 
+PRIOR_FITS = ("position", "parts", "tracks")
+
+
 @dataclass
 class PriorStage:
     """Before the joint training of a fresh run (skipped on resume): the position prior and/or the part prior
     fitted alone on the frozen model's states and maps for `samples` samples of `data`
-    (`instructseg.train.prior_stage`); needs a model with those heads (`decoder.position_prior`,
-    `decoder.part_prior`)."""
+    (`instructseg.train.prior_stage`), and/or the track prior on the ground-truth tracks of `data`'s ReVOS-format
+    video expressions (`instructseg.train.track_fit`); needs a model with those heads (`decoder.position_prior`,
+    `decoder.part_prior`, `decoder.track_prior`)."""
 
     samples: int = 0  # samples collected (image sentences, video expressions; 0: no stage)
     steps: int = 300
@@ -118,7 +122,8 @@ class PriorStage:
     # overrides, data, samples, seed and jump required; a model changed on disk under the same path is not noticed)
     cache_from: str | None = None
     # the priors the stage fits, in this order: "position", "parts" (the parts of the masks with the position prior
-    # applied); a prior not listed keeps the weights the model was loaded with
+    # applied), "tracks" (every expression of data's revos sources; no collection when it is the only one); a prior
+    # not listed keeps the weights the model was loaded with
     fit: list[str] = field(default_factory=lambda: ["position"])
 
 
@@ -190,8 +195,8 @@ def _recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
         if p.steps < 1 or p.batch_size < 1 or p.lr <= 0 or p.warmup_steps < 0:
             raise InputError(f"{source}: prior.steps and prior.batch_size must be at least 1, prior.lr > 0 and "
                              f"prior.warmup_steps >= 0; got {p.steps}, {p.batch_size}, {p.lr}, {p.warmup_steps}")
-        if not p.fit or any(name not in ("position", "parts") for name in p.fit) or len(set(p.fit)) < len(p.fit):
-            raise InputError(f"{source}: prior.fit={p.fit}: expected one or both of position, parts")
+        if not p.fit or any(name not in PRIOR_FITS for name in p.fit) or len(set(p.fit)) < len(p.fit):
+            raise InputError(f"{source}: prior.fit={p.fit}: expected one or more of {', '.join(PRIOR_FITS)}")
     return recipe
 
 

@@ -226,20 +226,50 @@ class Trainer:
         """Run the stage on a fresh run; on a resumed one, load its result (every rank computes the same fit)."""
         import torch.distributed as dist
 
-        from instructseg.train.prior_stage import (CACHE, RESULT, collect, collection_key, fit, fit_parts,
-                                                   load_cache, load_result, save_cache, save_result)
+        from instructseg.train.prior_stage import RESULT, fit, fit_parts, load_result, save_result
+        from instructseg.train.track_fit import fit_tracks
 
         if ckpt.latest_complete(self.root) is not None:
             load_result(model, self.out / RESULT)
             return
         stage = self.recipe.prior
-        for name, head in (("position", model.position_prior), ("parts", model.part_prior)):
-            if name in stage.fit and head is None:
+        heads = {"position": (model.position_prior, "position_prior=G"), "parts": (model.part_prior, "part_prior=true"),
+                 "tracks": (model.track_prior, "track_prior=true")}
+        for name in stage.fit:
+            head, override = heads[name]
+            if head is None:
                 raise InputError(f"prior.fit lists {name}, but the model has no {name} prior; add "
-                                 f"decoder.{'position_prior=G' if name == 'position' else 'part_prior=true'} to "
-                                 "model_overrides")
-        key = collection_key(self.recipe)
+                                 f"decoder.{override} to model_overrides")
         model.to(self.device)
+        report = ["prior stage:"]
+        trend = lambda losses: f"{losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}"  # noqa: E731
+        seed = self.recipe.train.seed
+        if {"position", "parts"} & set(stage.fit):
+            cache, log = self._prior_cache(model, stage)
+            report.append(f"{len(cache)} objects")
+            if "position" in stage.fit:
+                losses = fit(model.position_prior, cache, stage, seed=seed, log_path=log)
+                report.append(f"position loss {trend(losses)}")
+            if "parts" in stage.fit:
+                count, losses = fit_parts(model, cache, stage, seed=seed, log_path=log)
+                report.append(f"{count} with parts, part loss {trend(losses)}" if losses
+                              else "no object with parts: the part prior is left as it is")
+        else:
+            log = self._stage_log("prior.jsonl", "prior stage: the track prior")
+        if "tracks" in stage.fit:
+            count, losses = fit_tracks(model, stage, seed=seed, log_path=log)
+            report.append(f"{count} video expressions with candidates, track loss {trend(losses)}")
+        if self.rank == 0:
+            save_result(model, self.out / RESULT)
+            print(report[0], ", ".join(report[1:]), flush=True)
+        dist.barrier()
+
+    def _prior_cache(self, model, stage):
+        """The prior stage's collection (collected now, or read from `prior.cache_from`) on this device, and the
+        stage's log."""
+        from instructseg.train.prior_stage import CACHE, collect, collection_key, load_cache, save_cache
+
+        key = collection_key(self.recipe)
         if stage.cache_from:
             log = self._stage_log("prior.jsonl", f"prior stage: the collection of {stage.cache_from}")
             cache = load_cache(Path(stage.cache_from), key)
@@ -249,20 +279,7 @@ class Trainer:
                             jump=self.recipe.train.jump, progress=self.rank == 0)
             if self.rank == 0:
                 save_cache(cache, self.out / CACHE, key)
-        cache = cache.to(self.device)
-        report = [f"prior stage: {len(cache)} objects"]
-        trend = lambda losses: f"{losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}"  # noqa: E731
-        if "position" in stage.fit:
-            losses = fit(model.position_prior, cache, stage, seed=self.recipe.train.seed, log_path=log)
-            report.append(f"position loss {trend(losses)}")
-        if "parts" in stage.fit:
-            count, losses = fit_parts(model, cache, stage, seed=self.recipe.train.seed, log_path=log)
-            report.append(f"{count} with parts, part loss {trend(losses)}" if losses
-                          else "no object with parts: the part prior is left as it is")
-        if self.rank == 0:
-            save_result(model, self.out / RESULT)
-            print(", ".join(report), flush=True)
-        dist.barrier()
+        return cache.to(self.device), log
 
     def _data(self, model, collate):
         from instructseg.data.mixture import MixtureSampler

@@ -1,0 +1,21 @@
+"""Which tracked parts of a video mask the instruction means: per object, one weight per track feature and a bias,
+read from the instruction's words.
+
+The part prior (`part_prior`) chooses among a still image's mask parts by size and place on that one frame; a
+video's words often speak of the whole clip ("moving right", "that starts on the left", "ends nearest the top
+edge"). This head reads the same input (the instruction's mean word embedding) and gives each object weights for
+the `TRACK_FEATURES` numbers of each tracked part (`instructseg.decoders.tracks`) plus a bias; a part scored low, and well
+below the best part, is dropped (`tracks.choose`, `instructseg.inference.track_choice`). It is fitted on the ground-truth object
+tracks of ReVOS-format training data (`instructseg.train.track_fit`), not on the model's outputs.
+"""
+from __future__ import annotations
+
+from instructseg.decoders.tracks import TRACK_FEATURES
+from instructseg.model.word_linear import WordLinear
+
+
+class TrackPrior(WordLinear):
+    """forward(inputs (B, N, H), valid (B, N)) -> (B, N, TRACK_FEATURES + 1): weights, then the bias."""
+
+    def __init__(self, *, width: int, momentum: float = 0.05):
+        super().__init__(width=width, out=TRACK_FEATURES + 1, momentum=momentum)
