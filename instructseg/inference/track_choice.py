@@ -8,7 +8,8 @@ memory, given one part's mask, follows its look-alikes too: with two red circles
 both circles within four frames.)
 Each part's track is summed up (`instructseg.decoders.tracks`), the instruction's weights score it, and the parts
 not kept (`tracks.choose`) are cleared from the object's masks on every frame (`TrackChoice.apply`). Objects whose
-first key-frame mask has one part are left as they are. It costs one more decoder pass over the video (encoding and decoding without memory) when some object has parts.
+first key-frame mask has one part are left as they are. It costs one more decoder pass over the video (encoding and
+decoding without memory) when some object has parts.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from instructseg.decoders.base import Prompts
 from instructseg.decoders.parts import mask_parts
 from instructseg.decoders.tracks import choose, track_features, track_summary
 
-CELL = 4  # the parts' tracks are kept as masks at 1/CELL of the decoder's size, each cell grown by one around
+CELL = 4  # the parts' tracks are kept as masks at 1/CELL of the decoder's size (rounded up), grown by one cell
 
 
 @dataclass
@@ -38,7 +39,7 @@ class TrackChoice:
     def apply(self, t: int, mask_logits: torch.Tensor) -> torch.Tensor:
         """`mask_logits` (1, N, S, S) of frame t with the dropped parts set below 0: where a kept part is tracked
         on this frame, every connected region of the mask that does not touch it, and the dropped parts' pixels
-        outside it; elsewhere the dropped parts' pixels only (a part SAM2 lost along the way still goes)."""
+        outside it; elsewhere the dropped parts' pixels only."""
         if not self.dropped:
             return mask_logits
         out = mask_logits.clone()
@@ -50,7 +51,7 @@ class TrackChoice:
             kept, dropped = grow(self.kept[n][t]), grow(frames[t])
             clear = dropped & ~kept
             if bool(kept.any()):
-                labels, count = ndimage.label((out[0, n] > 0).cpu().numpy())
+                labels, _ = ndimage.label((out[0, n] > 0).cpu().numpy())
                 touching = np.unique(labels[kept.cpu().numpy()])
                 clear |= torch.from_numpy(np.isin(labels, touching[touching > 0], invert=True) & (labels > 0))
             out[0, n] = torch.where(clear.to(out.device), out[0, n].clamp(max=-1.0), out[0, n])
@@ -84,7 +85,6 @@ class _PartTracks:
         if not regions:
             self.last += self.step
             return
-        h, w = on.shape
         centres = np.array([_centre(r) for r in regions])
         aim = self.last + self.step
         cost = np.linalg.norm(aim[:, None] - centres[None], axis=-1)
@@ -97,7 +97,7 @@ class _PartTracks:
 
     def _record(self, t: int, parts: list[int], masks: list[np.ndarray]) -> None:
         h, w = self.key[0].shape
-        cover = np.zeros((self.count, h // CELL, w // CELL), bool)
+        cover = np.zeros((self.count, -(-h // CELL), -(-w // CELL)), bool)
         for p, m in zip(parts, masks):
             c = np.array(_centre(m))
             if not np.isnan(self.last[p]).any():
@@ -105,7 +105,7 @@ class _PartTracks:
             self.last[p] = c
             self.areas[p, t] = m.mean()
             self.centres[p, t] = c
-            cover[p] = m.reshape(h // CELL, CELL, w // CELL, CELL).any(axis=(1, 3))
+            cover[p] = F.max_pool2d(torch.from_numpy(m)[None, None].float(), CELL, ceil_mode=True)[0, 0].numpy() > 0
         self.cover[t] = cover
 
 
