@@ -97,10 +97,11 @@ def test_commands_without_model_use_the_default(unseen, tmp_path):
     assert data["instruction"] == "segment the red circle"
 
 
-def test_default_chooses_between_look_alikes_by_their_tracks(default, tmp_path):
+def test_default_chooses_between_look_alikes_by_their_tracks(default, tmp_path, monkeypatch):
     """Two red circles, one moving right along the top, one moving left along the bottom: the mask of "the red
     circle moving right" covers both before the track choice and the right one after it (measured: IoU 0.92 and
-    0.0; 0.48 and 0.48 without the choice)."""
+    0.0; 0.48 and 0.48 without the choice). The frames the choice encodes are handed on to the propagation: the
+    masks are the same without that."""
     import dataclasses
 
     from PIL import Image
@@ -120,11 +121,16 @@ def test_default_chooses_between_look_alikes_by_their_tracks(default, tmp_path):
     answer = default.answer(source, "segment the red circle moving right")
     assert answer.num_objects == 1 and answer.track_weights is not None
 
+    def masks(a):
+        return np.stack([f.masks[0] for f in sorted(default.frames(source, a), key=lambda f: f.index)])
+
     def ious(a):
-        masks = np.stack([f.masks[0] for f in sorted(default.frames(source, a), key=lambda f: f.index)])
-        return [iou(masks, drawn.visible[i]) for i in range(2)]
+        return [iou(masks(a), drawn.visible[i]) for i in range(2)]
 
     right, left = ious(answer)
     assert right > 0.8 and left < 0.05, (right, left)
+    handed_on = masks(answer)
+    monkeypatch.setattr("instructseg.inference.track_choice.KEEP_FEATURES", 0)
+    assert np.array_equal(masks(answer), handed_on)
     right, left = ious(dataclasses.replace(answer, track_weights=None))
     assert right < 0.6 and left > 0.3, (right, left)

@@ -204,21 +204,22 @@ class InstructSegPredictor:
                     kwargs["redetect"] = Redetect()
                 outputs = self.model.decoder.propagate(frame_at, len(frames), answer.key_prompts, **kwargs)
                 if answer.track_weights is not None and self.model.config.decoder.kind == "sam2":
-                    outputs = self._chosen(frame_at, len(frames), answer, outputs)
+                    outputs = self._chosen(frame_at, len(frames), answer, outputs, kwargs["cached"])
             else:
                 features = self.model.decoder.features_at(0, frame_at, dict(answer.key_features))
                 outputs = iter([(0, self.model.decoder.decode(features, answer.key_prompts[0]))])
             for t, out in outputs:
                 yield self._frame_result(frames, t, out)
 
-    def _chosen(self, frame_at, num_frames: int, answer: Answer,
-                outputs: Iterator[tuple[int, DecoderOutput]]) -> Iterator[tuple[int, DecoderOutput]]:
-        """`outputs` with the parts of each object's mask that the track prior does not keep cleared
-        (`instructseg.inference.track_choice`; decided before the first frame is out)."""
+    def _chosen(self, frame_at, num_frames: int, answer: Answer, outputs: Iterator[tuple[int, DecoderOutput]],
+                cached: dict) -> Iterator[tuple[int, DecoderOutput]]:
+        """`outputs` (not started) with the parts of each object's mask that the track prior does not keep cleared
+        (`instructseg.inference.track_choice`; decided before the first frame is out). Frames the choice encodes
+        go into `cached`, the propagation's feature cache (up to `KEEP_FEATURES`)."""
         from instructseg.inference.track_choice import choose_tracks
 
         choice = choose_tracks(self.model.decoder, frame_at, num_frames, answer.key_prompts, answer.key_features,
-                               answer.track_weights)
+                               answer.track_weights, keep=cached)
         for t, out in outputs:
             yield t, DecoderOutput(mask_logits=choice.apply(t, out.mask_logits), score_logits=out.score_logits)
 

@@ -114,11 +114,15 @@ def _centre(mask: np.ndarray) -> tuple[float, float]:
     return (xs.mean() + 0.5) / mask.shape[1], (ys.mean() + 0.5) / mask.shape[0]
 
 
+KEEP_FEATURES = 64  # frames whose decoder features the choice hands on to the propagation (about 1.6 MiB each)
+
+
 def choose_tracks(decoder, frame_at, num_frames: int, key_prompts: dict[int, Prompts], key_features: dict,
-                  weights: torch.Tensor) -> TrackChoice:
+                  weights: torch.Tensor, keep: dict | None = None) -> TrackChoice:
     """The choice for the objects of `key_prompts` (decoded from `key_features` on the key frames; other frames are
     encoded from `frame_at` and decoded with the nearest key frame's prompts), with `weights` (N, TRACK_FEATURES + 1)
-    per object (the track prior's)."""
+    per object (the track prior's). The features it encodes go into `keep` (the propagation's cache, which consumes
+    them) while it holds fewer than KEEP_FEATURES frames, so that those frames are not encoded twice."""
     keys = sorted(key_prompts)
     first = keys[0]
     logits = decoder.decode(key_features[first], key_prompts[first]).mask_logits[0]
@@ -139,6 +143,8 @@ def choose_tracks(decoder, frame_at, num_frames: int, key_prompts: dict[int, Pro
                 continue
             near = min(keys, key=lambda k: (abs(k - t), k))
             features = key_features[t] if t in key_features else decoder.encode(frame_at(t))
+            if keep is not None and t not in keep and len(keep) < KEEP_FEATURES:
+                keep[t] = features
             on = (decoder.decode(features, key_prompts[near].objects(objects)).mask_logits[0] > 0).cpu().numpy()
             for i, n in enumerate(objects):
                 tracks[n].follow(t, on[i])
