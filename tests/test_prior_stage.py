@@ -196,12 +196,13 @@ def test_a_collection_is_keyed_without_the_priors_overrides(tmp_path, synth_root
 
 @pytest.mark.slow
 def test_a_tracks_only_stage_fits_the_track_prior_without_collecting(tmp_path, synth_root):
-    """`prior.fit: [tracks]`: ground-truth tracks only (no collection), exported with the model."""
+    """`prior.fit: [tracks]`: ground-truth tracks only (no collection); the joint steps after it leave the track
+    prior as it is (it is never in their loss), and it is exported with the model."""
     from safetensors.torch import load_file
 
     from tests.test_training import _recipe, _train
 
-    recipe = _recipe(tmp_path, synth_root, steps=0)
+    recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2, weight_decay=0.5)
     data = yaml.safe_load(recipe.read_text())
     base = tmp_path / "base"
     torch.manual_seed(0)

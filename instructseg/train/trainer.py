@@ -171,6 +171,8 @@ class Trainer:
         if recipe.prior.samples > 0:
             self._prior_stage(model)
         _freeze(model, recipe.train.freeze)
+        if model.track_prior is not None:  # never in the joint loss (only the prior stage fits it): kept as it is,
+            model.track_prior.requires_grad_(False)  # not worn down by weight decay on gradients it never gets
         self.model = model
         self.cuda = self.device.type == "cuda"
         collate = Collator(model.layout, model.decoder.image_size, model.tokenizer.pad_token_id,
