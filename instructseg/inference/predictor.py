@@ -7,8 +7,8 @@ Modes for video:
   tracked frame is re-detected from the nearest key frame's prompts (`decoders.sam2.Redetect`). One LLM call per
   video; each frame is encoded by the decoder once. The LLM runs in bfloat16 where the hardware has it
   (`llm_dtype="auto"`). With a track prior (`instructseg.inference.track_choice`), the parts of an object's mask
-  that the instruction does not mean by their tracks are cleared; finding them costs one more decoder pass over
-  the video, before the first frame is out, when some object's first key-frame mask has parts.
+  that the instruction does not mean by their tracks are cleared; finding them costs one more decoding of every
+  frame without memory, before the first frame is out, when some object's first key-frame mask has parts.
 - `per-frame`: InstructSeg's protocol, the baseline: every frame goes through the LLM with its reference frames
   and is decoded on its own.
 Results stream frame by frame (`stream`), so a long video never holds all frames or all masks in memory.

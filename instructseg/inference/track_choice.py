@@ -8,8 +8,8 @@ memory, given one part's mask, follows its look-alikes too: with two red circles
 both circles within four frames.)
 Each part's track is summed up (`instructseg.decoders.tracks`), the instruction's weights score it, and the parts
 not kept (`tracks.choose`) are cleared from the object's masks on every frame (`TrackChoice.apply`). Objects whose
-first key-frame mask has one part are left as they are. It costs one more decoder pass over the video (encoding and
-decoding without memory) when some object has parts.
+first key-frame mask has one part are left as they are. When some object has parts, it costs one more decoding of
+every frame without memory; the frames it encodes (up to `KEEP_FEATURES`) are handed on to the propagation.
 """
 from __future__ import annotations
 
