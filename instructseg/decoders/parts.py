@@ -1,13 +1,13 @@
 """Choosing among the separate parts of an object's mask: "the large star" when the mask covers both stars.
 
 A decoder's mask for "the large star" often covers the small star too (on RES val this over-reach was a quarter of
-the cIoU that the model without a part prior lost; docs/default_model.md, "A part choice"). A pixel-wise prior cannot fix it: what
-decides is a comparison between the parts. So each mask's connected parts (its pixels above 0, parts below
-`MIN_SHARE` of the largest left out) are described by `PART_FEATURES` numbers, each relative to the mean over the
-mask's parts: log area, centre x, centre y (fractions of the frame). Per object the instruction gives one weight
-per feature (`instructseg.model.part_prior`); a part's logits are raised by the weights' dot product with its
-features. A mask with one part is left as it is (its features are all 0), and the pixels outside the parts too, so
-the choice can drop a part or keep it, never grow one.
+the cIoU that the model without a part prior lost; docs/default_model.md, "A part choice"). A pixel-wise prior
+cannot fix it: what decides is a comparison between the parts. So each mask's connected parts (its pixels above 0,
+parts below `MIN_SHARE` of the largest left out) are described by `PART_FEATURES` numbers, each relative to the
+mean over the mask's parts: log area, centre x, centre y (fractions of the frame). Per object the instruction gives
+one weight per feature (`instructseg.model.part_prior`); a part's logits are raised by the weights' dot product with
+its features. A mask with one part is left as it is (its features are all 0), and the pixels outside the parts too,
+so the choice can drop a part or keep it, never grow one.
 """
 from __future__ import annotations
 

@@ -152,10 +152,10 @@ def choose_tracks(decoder, frame_at, num_frames: int, key_prompts: dict[int, Pro
         summaries = [track_summary(part_tracks.areas[p], part_tracks.centres[p]) for p in range(part_tracks.count)]
         feats = torch.from_numpy(track_features(np.stack(summaries)))  # every part is seen on the key frame
         w = weights[n].float().cpu()
-        keep = choose((feats @ w[:-1] + w[-1]).numpy())
-        if keep.all():
+        kept = choose((feats @ w[:-1] + w[-1]).numpy())
+        if kept.all():
             continue
-        for into, parts in ((choice.kept, keep), (choice.dropped, ~keep)):
+        for into, parts in ((choice.kept, kept), (choice.dropped, ~kept)):
             into[n] = {t: F.max_pool2d(torch.from_numpy(c[parts].any(0))[None, None].float(), 3, stride=1,
                                        padding=1)[0, 0] > 0 for t, c in part_tracks.cover.items()}
     return choice

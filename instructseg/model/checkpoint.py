@@ -29,7 +29,8 @@ from instructseg.llm.lora import adapter_merged
 from instructseg.llm.precision import check_saveable
 
 WEIGHTS = "model.safetensors"
-_NEW_HEADS = ("category_heads.", "cell_words.", "position_prior.", "part_prior.", "track_prior.")  # start untrained (priors at 0)
+# heads that start untrained (priors at 0) when a saved model lacks them
+_NEW_HEADS = ("category_heads.", "cell_words.", "position_prior.", "part_prior.", "track_prior.")
 # weights of modules that no longer exist, skipped on load: the first position prior, which read the object
 # embedding (docs/default_model.md, "A position prior"); a model saved with it loads without it
 _RETIRED = ("decoder.position_prior.",)
@@ -126,7 +127,7 @@ def load_model(name_or_dir: str | Path, *, device: str | torch.device = "cpu", s
     trained = f"trained ({path / WEIGHTS})"
     for part in model.weight_sources:
         # a frozen pretrained tower, or new heads
-        optional = part in ("vision", "category_heads", "cell_words", "position_prior", "part_prior", "track_prior")
+        optional = part == "vision" or f"{part}." in _NEW_HEADS
         if part not in ("llm", "lora") and not (optional and not any(k.startswith(part + ".") for k in saved)):
             model.weight_sources[part] = trained
     if config.llm.source == "llm":

@@ -4,9 +4,10 @@ read from the instruction's words.
 The part prior (`part_prior`) chooses among a still image's mask parts by size and place on that one frame; a
 video's words often speak of the whole clip ("moving right", "that starts on the left", "ends nearest the top
 edge"). This head reads the same input (the instruction's mean word embedding) and gives each object weights for
-the `TRACK_FEATURES` numbers of each tracked part (`instructseg.decoders.tracks`) plus a bias; a part scored low, and well
-below the best part, is dropped (`tracks.choose`, `instructseg.inference.track_choice`). It is fitted on the ground-truth object
-tracks of ReVOS-format training data (`instructseg.train.track_fit`), not on the model's outputs.
+the `TRACK_FEATURES` numbers of each tracked part (`instructseg.decoders.tracks`) plus a bias; a part scored low,
+and well below the best part, is dropped (`tracks.choose`, `instructseg.inference.track_choice`). It is fitted on
+the ground-truth object tracks of ReVOS-format training data (`instructseg.train.track_fit`), not on the model's
+outputs.
 """
 from __future__ import annotations
 

@@ -66,17 +66,17 @@ def track_rows(model, expressions) -> TrackRows:
     for exps in by_video.values():
         summaries, names = {}, {}
         for e in exps:
-            masks = e.mask_loader()
-            for obj, m in zip(e.obj_ids, masks):
-                if obj not in summaries:
-                    summaries[obj] = mask_summary(m)
+            if any(obj not in summaries for obj in e.obj_ids):  # each object's masks are read once
+                for obj, m in zip(e.obj_ids, e.mask_loader()):
+                    summaries.setdefault(obj, mask_summary(m))
             if len(e.obj_ids) == 1 and e.answer:
                 names[e.obj_ids[0]] = (_words(e.answer, colours), _words(e.answer, shapes))
         for e in exps:
             asked = (_words(e.text, colours), _words(e.text, shapes))
-            fits = lambda obj: obj in names and all(not a or (names[obj][i] & a) for i, a in enumerate(asked))  # noqa: E731
-            alike = lambda obj: obj in names and any(names[obj][i] & names[t][i] for t in e.obj_ids if t in names
-                                                     for i in (0, 1))  # noqa: E731
+            fits = lambda obj: obj in names and all(  # noqa: E731
+                not a or (names[obj][i] & a) for i, a in enumerate(asked))
+            alike = lambda obj: obj in names and any(  # noqa: E731
+                names[obj][i] & names[t][i] for t in e.obj_ids if t in names for i in (0, 1))
             cands = [o for o, s in summaries.items() if s is not None and (o in e.obj_ids or fits(o) or alike(o))]
             if len(cands) < 2 or not any(o in e.obj_ids for o in cands):
                 continue
