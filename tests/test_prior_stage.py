@@ -217,7 +217,8 @@ def test_a_tracks_only_stage_fits_the_track_prior_without_collecting(tmp_path, s
     rows = [json.loads(line) for line in (tmp_path / "run" / "prior.jsonl").read_text().splitlines()]
     assert [r["tracks_step"] for r in rows if "tracks_step" in r] == list(range(1, 21))
     stage = load_file(str(tmp_path / "run" / "prior.safetensors"))
-    assert set(stage) == {f"track_prior.{k}" for k in ("linear.weight", "linear.bias", "mean", "var", "seen")}
+    assert set(stage) == {f"track_prior.{k}" for k in ("hidden.0.weight", "hidden.0.bias", "linear.weight",
+                                                       "linear.bias", "mean", "var", "seen")}
     assert float(stage["track_prior.linear.weight"].abs().max()) > 0
     final = InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict()
     assert all(torch.equal(value, final[key]) for key, value in stage.items())

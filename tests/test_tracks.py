@@ -118,3 +118,35 @@ def test_the_fit_on_ground_truth_tracks_lowers_the_loss(synth_root):
     stage.data = stage.data[1:]
     with pytest.raises(InputError, match="prior.data has no revos source"):
         fit_tracks(model, stage, seed=0)
+
+
+def test_the_track_head_combines_words_that_a_linear_head_cannot():
+    """"starts on the left" weighs the start x, "moving left" the motion: both share "left". Words are made as bags
+    of four one-hot tokens (starts / moving, left / right); each row has two parts, one meant. A linear map of the
+    bag gives "left" one fixed contribution and cannot rank all four; the track prior's hidden layer can."""
+    from instructseg.model.track_prior import TrackPrior
+    from instructseg.model.word_linear import WordLinear
+    from instructseg.train.prior_stage import fit_head
+    from instructseg.train.track_fit import TrackRows, exact_choices, track_loss
+
+    width, feats = 8, torch.zeros(4, 2, TRACK_FEATURES)
+    words = torch.zeros(4, width)
+    labels = torch.tensor([[1.0, 0.0]] * 4)
+    for i, (verb, side) in enumerate([(0, 2), (0, 3), (1, 2), (1, 3)]):  # starts/moving x left/right
+        words[i, verb] = words[i, side] = 1.0
+        sign = -1.0 if side == 2 else 1.0
+        # the meant part starts (or moves) to the named side, the other one the opposite way; the unnamed feature
+        # points the wrong way so that it cannot stand in for the named one
+        column, other = (0, 4) if verb == 0 else (4, 0)
+        feats[i, 0, column], feats[i, 1, column] = sign, -sign
+        feats[i, 0, other], feats[i, 1, other] = -sign, sign
+    rows = TrackRows(words, feats, labels, torch.ones(4, 2, dtype=torch.bool))
+    stage = SimpleNamespace(steps=300, lr=3e-2, warmup_steps=1, batch_size=4)
+    results = {}
+    for name, head in [("hidden", TrackPrior(width=width)), ("linear", WordLinear(width=width, out=TRACK_FEATURES + 1))]:
+        torch.manual_seed(0)
+        head.set_statistics(words)
+        losses = fit_head(head, rows, track_loss, stage, seed=0, log_path=None, name=name)
+        results[name] = (np.mean(losses[-10:]), exact_choices(head, rows))
+    assert results["hidden"][0] < 0.05 and results["hidden"][1] == 1.0
+    assert results["linear"][0] > 0.3

@@ -1,10 +1,14 @@
 """A linear map of an instruction's words, centred and scaled with running statistics: what the position prior
-(`position_prior`) and the part prior (`part_prior`) are built on.
+(`position_prior`), the part prior (`part_prior`) and the track prior (`track_prior`) are built on.
 
 The input is each object's instruction words (`InstructSegModel.instruction_words`: the mean input embedding of
 the instruction's tokens). A large component of it is shared by every input, so it is centred and scaled by a
-running mean and variance before the linear map. The weights start at zero: a model given such a head behaves
-exactly as before until training moves it.
+running mean and variance before the linear map. The output layer's weights start at zero: a model given such a
+head behaves exactly as before until training moves it.
+
+With `hidden` > 0 a GELU layer of that width comes first. The mean embedding is a bag of words, and a linear map of
+it gives each word one fixed contribution: "left" would weigh the same features in "moving left" and in "starts on
+the left". The hidden layer lets words combine.
 """
 from __future__ import annotations
 
@@ -17,10 +21,11 @@ class WordLinear(nn.Module):
     weights train, the valid inputs update the running mean and variance (an average with `momentum`; the first
     batch sets them) before they are used; a frozen head keeps its statistics with its weights."""
 
-    def __init__(self, *, width: int, out: int, momentum: float = 0.05):
+    def __init__(self, *, width: int, out: int, momentum: float = 0.05, hidden: int = 0):
         super().__init__()
         self.momentum = momentum
-        self.linear = nn.Linear(width, out)
+        self.hidden = nn.Sequential(nn.Linear(width, hidden), nn.GELU()) if hidden else nn.Identity()
+        self.linear = nn.Linear(hidden or width, out)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         self.register_buffer("mean", torch.zeros(width))
@@ -35,7 +40,7 @@ class WordLinear(nn.Module):
         # per-dimension scale, floored at a tenth of the median spread (dimensions that barely vary stay small)
         std = self.var.sqrt()
         std = std.clamp(min=0.1 * float(std.median()) + 1e-6)
-        out = self.linear(((x - self.mean) / std).to(self.linear.weight.dtype))
+        out = self.linear(self.hidden(((x - self.mean) / std).to(self.linear.weight.dtype)))
         return out.new_zeros(b, n, out.shape[-1]).masked_scatter(valid[..., None], out)
 
     @torch.no_grad()
