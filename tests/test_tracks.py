@@ -150,3 +150,8 @@ def test_the_track_head_combines_words_that_a_linear_head_cannot():
         results[name] = (np.mean(losses[-10:]), exact_choices(head, rows))
     assert results["hidden"][0] < 0.05 and results["hidden"][1] == 1.0
     assert results["linear"][0] > 0.3
+    # the hidden layer starts the same whatever the global random state (a refit reproduces its weights)
+    torch.manual_seed(1)
+    first = TrackPrior(width=width).hidden[0].weight
+    torch.manual_seed(2)
+    assert torch.equal(TrackPrior(width=width).hidden[0].weight, first)

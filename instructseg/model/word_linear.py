@@ -12,8 +12,22 @@ the left". The hidden layer lets words combine.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+
+def _seeded_linear(width: int, out: int) -> nn.Linear:
+    """nn.Linear's default initialisation (uniform within 1 / sqrt(width)) from a fixed seed, not the global random
+    state: a refit starts from the same hidden layer however the model was built."""
+    layer = nn.Linear(width, out)
+    generator = torch.Generator().manual_seed(0)
+    bound = 1.0 / math.sqrt(width)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=generator)
+        layer.bias.uniform_(-bound, bound, generator=generator)
+    return layer
 
 
 class WordLinear(nn.Module):
@@ -24,7 +38,7 @@ class WordLinear(nn.Module):
     def __init__(self, *, width: int, out: int, momentum: float = 0.05, hidden: int = 0):
         super().__init__()
         self.momentum = momentum
-        self.hidden = nn.Sequential(nn.Linear(width, hidden), nn.GELU()) if hidden else nn.Identity()
+        self.hidden = nn.Sequential(_seeded_linear(width, hidden), nn.GELU()) if hidden else nn.Identity()
         self.linear = nn.Linear(hidden or width, out)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
