@@ -143,7 +143,8 @@ def test_the_track_head_combines_words_that_a_linear_head_cannot():
     rows = TrackRows(words, feats, labels, torch.ones(4, 2, dtype=torch.bool))
     stage = SimpleNamespace(steps=300, lr=3e-2, warmup_steps=1, batch_size=4)
     results = {}
-    for name, head in [("hidden", TrackPrior(width=width)), ("linear", WordLinear(width=width, out=TRACK_FEATURES + 1))]:
+    heads = {"hidden": TrackPrior(width=width), "linear": WordLinear(width=width, out=TRACK_FEATURES + 1)}
+    for name, head in heads.items():
         torch.manual_seed(0)
         head.set_statistics(words)
         losses = fit_head(head, rows, track_loss, stage, seed=0, log_path=None, name=name)
