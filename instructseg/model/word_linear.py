@@ -12,22 +12,16 @@ the left". The hidden layer lets words combine.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 
 def _seeded_linear(width: int, out: int) -> nn.Linear:
-    """nn.Linear's default initialisation (uniform within 1 / sqrt(width)) from a fixed seed, not the global random
-    state: a refit starts from the same hidden layer however the model was built."""
-    layer = nn.Linear(width, out)
-    generator = torch.Generator().manual_seed(0)
-    bound = 1.0 / math.sqrt(width)
-    with torch.no_grad():
-        layer.weight.uniform_(-bound, bound, generator=generator)
-        layer.bias.uniform_(-bound, bound, generator=generator)
-    return layer
+    """nn.Linear with its own initialisation drawn from seed 0, not from the global random state (which is left as it
+    was): a refit starts from the same hidden layer however the model was built."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Linear(width, out)
 
 
 class WordLinear(nn.Module):
