@@ -129,6 +129,10 @@ class ModelConfig:
     # `categories` lists; both empty: no word slots.
     attribute_names: list[str] = field(default_factory=list)
     category_names: list[str] = field(default_factory=list)
+    # region words (instructseg.model.region_words): a small CNN names each part of an answer's masks from its
+    # masked crop with these two vocabularies, and the answer's object names follow (instructseg.inference.naming);
+    # trained in the encoder stage (`encoders.train: [region_words]`)
+    region_words: bool = False
 
     @property
     def word_vocabularies(self) -> dict[str, list[str]]:

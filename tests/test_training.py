@@ -341,6 +341,33 @@ def test_word_slots_added_to_a_trained_model_learn_in_the_encoder_stage(tmp_path
     assert all(torch.equal(base[k], state[k]) for k in base if k.startswith(("vision.", "decoder.sam.image_encoder.")))
 
 
+def test_region_words_learn_alone_in_the_encoder_stage_and_keep_their_weights(tmp_path, synth_root):
+    """`encoders.train: [region_words]` trains the region words alone, on the instances of the category and
+    attribute maps (loss falling); the joint steps afterwards leave them as they are, and the final model holds
+    them."""
+    import torch
+    from safetensors.torch import load_file
+
+    from instructseg.data.synthetic_scene import COLOURS, SHAPES
+    from instructseg.model.instructseg import InstructSegModel
+
+    recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2)
+    data = yaml.safe_load(recipe.read_text())
+    data["model_overrides"] = [f"attribute_names=[{', '.join(COLOURS)}]", f"category_names=[{', '.join(SHAPES)}]",
+                               "region_words=true"]
+    data["encoders"] = {"steps": 100, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "train": ["region_words"],
+                        "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco"), "split": "train"}]}
+    recipe.write_text(yaml.safe_dump(data))
+    _train([str(recipe)])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "encoders.jsonl").read_text().splitlines()]
+    first, last = (sum(r["loss"] for r in part) / 10 for part in (rows[:10], rows[-10:]))
+    assert last < 0.7 * first, (first, last)
+    stage = load_file(str(tmp_path / "run" / "encoders.safetensors"))
+    final = InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict()
+    assert set(stage) == {k for k in final if k.startswith("region_words.")}
+    assert all(torch.equal(stage[k], final[k]) for k in stage)
+
+
 def test_frozen_modules_keep_their_weights(tmp_path, synth_root):
     """train.freeze: the named modules come out of training as they went in, the rest trains; an unknown prefix is
     a one-line error."""

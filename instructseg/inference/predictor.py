@@ -12,6 +12,8 @@ Modes for video:
 - `per-frame`: InstructSeg's protocol, the baseline: every frame goes through the LLM with its reference frames
   and is decoded on its own.
 Results stream frame by frame (`stream`), so a long video never holds all frames or all masks in memory.
+With region words (`instructseg.model.region_words`), the answer's object names are then made those its masks show,
+read on up to 8 frames spread over the video (`instructseg.inference.naming`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from instructseg.data.sampling import reference_frames, uniform_key_frames
 from instructseg.decoders.base import DecoderOutput, FrameFeatures, Prompts
 from instructseg.errors import InputError
 from instructseg.inference.io import FrameSource, open_source
+from instructseg.inference.naming import ObjectNaming
 from instructseg.inference.results import Masklet, ResultWriter, SegmentationResult, encode_mask
 from instructseg.llm.lora import adapter_merged
 from instructseg.llm.precision import cast_base_weights, inference_dtype
@@ -129,6 +132,7 @@ class InstructSegPredictor:
                                              for i in range(answer.num_objects)])
         writer = ResultWriter(Path(out_dir), frames, answer.num_objects) if out_dir is not None else None
         scores: dict[int, list[float]] = {}
+        naming = ObjectNaming(self.model.region_words, len(frames)) if self.model.region_words is not None else None
         for done, frame in enumerate(self.frames(frames, answer, mode=mode, instruction=instruction,
                                                  history=history), 1):
             for obj, mask, score in zip(result.objects, frame.masks, frame.scores):
@@ -136,10 +140,15 @@ class InstructSegPredictor:
                 if frame.index in answer.key_prompts or mode == "per-frame":  # scores where the LLM looked
                     scores.setdefault(obj.id, []).append(float(score))
                     obj.score = float(np.mean(scores[obj.id]))
+            if naming is not None:
+                naming.add(frame.index, frame.masks, lambda t: self._tensor(frames, t).cpu(), self.size)
             if writer is not None:
                 writer.add(frame.index, frame.masks)
             if progress is not None:
                 progress(done, len(frames))
+        if naming is not None:
+            answer.text, answer.raw_text = naming.ground(answer.text), naming.ground(answer.raw_text)
+            result.text = answer.text
         total = time.perf_counter() - start
         result.timing.update(total_s=round(total, 4), frames=len(frames), llm_calls=answer.llm_calls,
                              key_frames=len(answer.key_prompts), frames_per_s=round(len(frames) / total, 3))

@@ -17,10 +17,12 @@ from torch import nn
 
 from instructseg.config import ModelConfig
 from instructseg.decoders.base import FrameFeatures, MaskDecoder, Prompts
+from instructseg.errors import InputError
 from instructseg.llm.loading import load_causal_lm, load_tokenizer
 from instructseg.llm.lora import apply_lora
 from instructseg.model.category_heads import CategoryHeads
 from instructseg.model.cell_words import CellWords
+from instructseg.model.region_words import RegionWords
 from instructseg.model.fusion import TextFusion
 from instructseg.model.outputs import Generation, InstructSegOutput, ModelInputs, SequenceStates
 from instructseg.model.part_prior import PartPrior
@@ -45,8 +47,6 @@ def build_decoder(config: ModelConfig) -> MaskDecoder:
         from instructseg.decoders.mask2former import Mask2FormerDecoder
 
         return Mask2FormerDecoder.from_config(config.decoder)
-    from instructseg.errors import InputError
-
     raise InputError(f"decoder.kind={kind!r}: expected 'sam2' or 'mask2former'")
 
 
@@ -98,6 +98,9 @@ class InstructSegModel(nn.Module):
         self.category_heads = (CategoryHeads(self.vision.width, dim, config.semantic_classes)
                                if config.semantic_classes else None)  # training aid
         self.cell_words = CellWords(self.vision.width, dim, vocabularies, grid) if vocabularies else None
+        if config.region_words and not vocabularies:
+            raise InputError("region_words=true needs the words to read: set attribute_names and/or category_names")
+        self.region_words = RegionWords(vocabularies) if config.region_words else None
         self.word_ids = {kind: [self.tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in words]
                          for kind, words in (self.cell_words.vocabularies.items() if self.cell_words else ())}
         if load_pretrained:
@@ -327,7 +330,7 @@ def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, st
     decoder = f"pretrained ({config.decoder.checkpoint})" if config.decoder.checkpoint else "random init"
     sources = {"llm": llm, "lora": "new (no adapter loaded)", "vision": vision, "decoder": decoder}
     for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion", "object_norm", "text_norm",
-                 "category_heads", "cell_words", "position_prior", "part_prior", "track_prior"):
+                 "category_heads", "cell_words", "region_words", "position_prior", "part_prior", "track_prior"):
         sources[part] = "random init"
     sources["state_norm"] = "calibrated on the base LLM" if load_pretrained else "not calibrated"
     return sources

@@ -10,8 +10,9 @@ held-out objects 19 % of the time (chance 20 %) before, 83 % after 2000 steps of
 the encoders are frozen (`train.freeze`).
 
 Models with word slots (`instructseg.model.cell_words`) also train their heads here, on the same images' category
-and attribute maps; `encoders.train` narrows the stage to some parameters (`[cell_words]`: new word heads on a
-trained model's encoders, which stay as they are).
+and attribute maps, and models with region words (`instructseg.model.region_words`) their CNN, on those maps'
+instances; `encoders.train` narrows the stage to some parameters (`[cell_words]`: new word heads on a trained
+model's encoders, which stay as they are; `[region_words]`: the region words alone, without running the encoders).
 
 The stage's result is written to `OUTPUT/encoders.safetensors`; a run that resumes from a checkpoint loads it
 instead of running the stage again (checkpoints leave frozen parameters out, and `train.freeze` usually names the
@@ -25,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from instructseg.data.collate import label_maps, resize_categories, resize_frame
 from instructseg.data.formats import REFCOCO_DATASETS, read_refcoco
 from instructseg.data.training import REFCOCO_SPLIT_BY, load_rgb
 from instructseg.errors import InputError
 from instructseg.llm.precision import native_bf16
+from instructseg.model.region_words import train_crops
 from instructseg.train.losses import category_loss, word_losses, word_maps
 from instructseg.train.stage_steps import run_steps
 
@@ -76,7 +79,8 @@ def _trained(model, prefixes: list[str] = ()) -> dict[str, torch.nn.Parameter]:
     the heads and the vision encoder (unless it is a frozen pretrained tower)."""
     if not prefixes:
         prefixes = ["decoder.sam.image_encoder" if hasattr(model.decoder, "sam") else "decoder"]
-        prefixes += [head for head in ("category_heads", "cell_words") if getattr(model, head) is not None]
+        prefixes += [head for head in ("category_heads", "cell_words", "region_words")
+                     if getattr(model, head) is not None]
         if not model.config.vision.freeze:
             prefixes.append("vision")
     found = {name: p for name, p in model.named_parameters()
@@ -113,13 +117,17 @@ def load_result(model, path: Path, prefixes: list[str] = ()) -> None:
 
 def train_encoders(model, stage, *, seed: int, device: torch.device, log_path: Path | None = None) -> list[float]:
     """Run the encoder stage (`stage`: the recipe's `EncoderStage`) on `model` in place; returns the losses."""
-    if model.category_heads is None and model.cell_words is None:
-        raise InputError("encoders: the model has no category heads or word slots; set semantic_classes (model_"
-                         "overrides or its config.json) to the number of categories")
+    if model.category_heads is None and model.cell_words is None and model.region_words is None:
+        raise InputError("encoders: the model has no category heads, word slots or region words; set "
+                         "semantic_classes (model_overrides or its config.json) to the number of categories")
     images = category_images(stage.data)
-    params = list(_trained(model, stage.train).values())
+    trained = _trained(model, stage.train)
+    params = list(trained.values())
     if not params:
         raise InputError(f"encoders.train: nothing to train under {stage.train}")
+    # what the loss needs: the encoders' heads unless only the region words train, the region words if they do
+    encoders = any(not name.startswith("region_words.") for name in trained)
+    regions = any(name.startswith("region_words.") for name in trained)
     flags = {p: p.requires_grad for p in model.parameters()}  # the rest of the model gets no gradients
     for p in flags:
         p.requires_grad_(False)
@@ -132,8 +140,13 @@ def train_encoders(model, stage, *, seed: int, device: torch.device, log_path: P
     def loss_at(step: int) -> torch.Tensor:
         frames, maps, attributes = _batch(images, [rng.randrange(len(images)) for _ in range(stage.batch_size)],
                                           size, rng)
-        return _loss(model, frames.to(device), maps.to(device),
-                     attributes.to(device) if attributes is not None else None, autocast)
+        attributes = attributes.to(device) if attributes is not None else None
+        loss = frames.new_zeros((), device=device)
+        if encoders:
+            loss = loss + _loss(model, frames.to(device), maps.to(device), attributes, autocast)
+        if regions:
+            loss = loss + _region_loss(model.region_words, frames.to(device), word_maps(maps, attributes), rng)
+        return loss
 
     was_training = model.training
     model.train()
@@ -144,6 +157,21 @@ def train_encoders(model, stage, *, seed: int, device: torch.device, log_path: P
         model.train(was_training)
         for p, flag in flags.items():
             p.requires_grad_(flag)
+
+
+def _region_loss(region_words, frames: torch.Tensor, maps: dict, rng: random.Random) -> torch.Tensor:
+    """The region words' cross-entropy, per vocabulary, on every instance of the batch's maps (`train_crops`)."""
+    for kind in region_words.vocabularies:
+        if maps[kind] is None or not bool((maps[kind] >= 0).all()):
+            raise InputError(f"encoders.data: the region words read {kind} words, but some images have no {kind} "
+                             f"map (instances.json: {'attribute_ids' if kind == 'attribute' else 'category_id'})")
+    crops, labels = train_crops(frames, {kind: maps[kind] for kind in region_words.vocabularies}, rng)
+    if crops.shape[0] == 0:
+        return frames.new_zeros(())
+    if rng.random() < 0.5:
+        crops = crops.flip(-1)
+    logits = region_words(crops)
+    return sum(F.cross_entropy(logits[kind].float(), labels[kind].to(crops.device)) for kind in logits)
 
 
 def _loss(model, frames: torch.Tensor, maps: torch.Tensor, attributes: torch.Tensor | None, autocast) -> torch.Tensor:

@@ -171,8 +171,9 @@ class Trainer:
         if recipe.prior.samples > 0:
             self._prior_stage(model)
         _freeze(model, recipe.train.freeze)
-        if model.track_prior is not None:  # never in the joint loss (only the prior stage fits it): kept as it is,
-            model.track_prior.requires_grad_(False)  # not worn down by weight decay on gradients it never gets
+        for head in (model.track_prior, model.region_words):  # never in the joint loss (only their stages train
+            if head is not None:  # them): kept as they are, not worn down by weight decay on gradients never got
+                head.requires_grad_(False)
         self.model = model
         self.cuda = self.device.type == "cuda"
         collate = Collator(model.layout, model.decoder.image_size, model.tokenizer.pad_token_id,
@@ -220,7 +221,7 @@ class Trainer:
                                 log_path=log)
         if self.rank == 0:
             save_result(model, self.out / RESULT, self.recipe.encoders.train)
-            print(f"encoder stage: category loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}",
+            print(f"encoder stage: loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}",
                   flush=True)
         dist.barrier()
 
