@@ -88,19 +88,26 @@ GROW = (-1, 0, 1, 2, 3)  # training masks grow by one of these many pixels of a 
 def snapped(frame: torch.Tensor, mask: np.ndarray) -> np.ndarray:
     """`mask` (H, W) bool snapped to `frame` (3, H, W) in [0, 1]: the connected region of pixels within COLOUR_GAP
     of the mask's median colour, within REACH of the mask, that overlaps it most; the mask itself when that region
-    covers less than half of it (the object has no one colour)."""
-    image = frame.permute(1, 2, 0).float().cpu().numpy()
-    core = ndimage.binary_erosion(mask)
-    colour = np.median(image[core if core.sum() >= MIN_AREA else mask], axis=0)
+    covers less than half of it (the object has no one colour). Computed in a window around the mask."""
     reach = max(1, round(REACH * max(mask.shape)))
-    near = ndimage.binary_dilation(mask, iterations=reach) & (np.abs(image - colour).max(-1) < COLOUR_GAP)
+    ys, xs = np.nonzero(mask)
+    window = (slice(max(0, ys.min() - reach - 1), ys.max() + reach + 2),
+              slice(max(0, xs.min() - reach - 1), xs.max() + reach + 2))
+    part, image = mask[window], frame[:, window[0], window[1]].permute(1, 2, 0).float().cpu().numpy()
+    core = ndimage.binary_erosion(part)
+    colour = np.median(image[core if core.sum() >= MIN_AREA else part], axis=0)
+    near = ndimage.binary_dilation(part, iterations=reach) & (np.abs(image - colour).max(-1) < COLOUR_GAP)
     regions, count = ndimage.label(near)
     if count == 0:
         return mask
-    overlap = np.bincount(regions[mask], minlength=count + 1)
+    overlap = np.bincount(regions[part], minlength=count + 1)
     overlap[0] = 0
     region = regions == overlap.argmax()
-    return region if region.sum() >= 0.5 * mask.sum() else mask
+    if region.sum() < 0.5 * part.sum():
+        return mask
+    out = np.zeros_like(mask)
+    out[window] = region
+    return out
 
 
 def train_crops(frames: torch.Tensor, maps: dict[str, torch.Tensor],
