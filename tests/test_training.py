@@ -61,6 +61,24 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _word_stage(recipe: Path, synth_root: Path, head: str, steps: int, *, overrides: list[str] = (),
+                **fields) -> tuple[float, float]:
+    """Train `recipe` (with `fields` set) given the ShapesIVS vocabularies and `overrides`, its encoder stage
+    training `head` alone for `steps` steps on the RefCOCO maps; the stage's mean loss over its first and its last
+    10 steps."""
+    from instructseg.data.synthetic_scene import COLOURS, SHAPES
+
+    data = {**yaml.safe_load(recipe.read_text()), **fields}
+    data["model_overrides"] = [f"attribute_names=[{', '.join(COLOURS)}]", f"category_names=[{', '.join(SHAPES)}]",
+                               *overrides]
+    data["encoders"] = {"steps": steps, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "train": [head],
+                        "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco"), "split": "train"}]}
+    recipe.write_text(yaml.safe_dump(data))
+    _train([str(recipe)])
+    rows = [json.loads(line) for line in (Path(data["output_dir"]) / "encoders.jsonl").read_text().splitlines()]
+    return tuple(sum(r["loss"] for r in part) / 10 for part in (rows[:10], rows[-10:]))
+
+
 def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
@@ -315,21 +333,12 @@ def test_word_slots_added_to_a_trained_model_learn_in_the_encoder_stage(tmp_path
     from safetensors.torch import load_file
 
     from instructseg.config import preset
-    from instructseg.data.synthetic_scene import COLOURS, SHAPES
     from instructseg.model.instructseg import InstructSegModel
 
     torch.manual_seed(0)
     InstructSegModel(preset("tiny")).save_pretrained(tmp_path / "base")
     recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2, freeze=["vision", "decoder.sam.image_encoder"])
-    data = yaml.safe_load(recipe.read_text())
-    data["model"] = str(tmp_path / "base")
-    data["model_overrides"] = [f"attribute_names=[{', '.join(COLOURS)}]", f"category_names=[{', '.join(SHAPES)}]"]
-    data["encoders"] = {"steps": 60, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "train": ["cell_words"],
-                        "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco"), "split": "train"}]}
-    recipe.write_text(yaml.safe_dump(data))
-    _train([str(recipe)])
-    rows = [json.loads(line) for line in (tmp_path / "run" / "encoders.jsonl").read_text().splitlines()]
-    first, last = (sum(r["loss"] for r in part) / 10 for part in (rows[:10], rows[-10:]))
+    first, last = _word_stage(recipe, synth_root, "cell_words", 60, model=str(tmp_path / "base"))
     assert last < 0.6 * first, (first, last)
     final = InstructSegModel.from_pretrained(tmp_path / "run" / "final")
     assert set(load_file(str(tmp_path / "run" / "encoders.safetensors"))) == {
@@ -348,19 +357,10 @@ def test_region_words_learn_alone_in_the_encoder_stage_and_keep_their_weights(tm
     import torch
     from safetensors.torch import load_file
 
-    from instructseg.data.synthetic_scene import COLOURS, SHAPES
     from instructseg.model.instructseg import InstructSegModel
 
     recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2)
-    data = yaml.safe_load(recipe.read_text())
-    data["model_overrides"] = [f"attribute_names=[{', '.join(COLOURS)}]", f"category_names=[{', '.join(SHAPES)}]",
-                               "region_words=true"]
-    data["encoders"] = {"steps": 100, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "train": ["region_words"],
-                        "data": [{"kind": "refcoco", "root": str(synth_root / "refcoco"), "split": "train"}]}
-    recipe.write_text(yaml.safe_dump(data))
-    _train([str(recipe)])
-    rows = [json.loads(line) for line in (tmp_path / "run" / "encoders.jsonl").read_text().splitlines()]
-    first, last = (sum(r["loss"] for r in part) / 10 for part in (rows[:10], rows[-10:]))
+    first, last = _word_stage(recipe, synth_root, "region_words", 100, overrides=["region_words=true"])
     assert last < 0.7 * first, (first, last)
     stage = load_file(str(tmp_path / "run" / "encoders.safetensors"))
     final = InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict()
