@@ -103,3 +103,12 @@ def test_region_words_learn_and_name_each_part_of_a_mask():
     assert read_objects(words, frame, np.zeros((1, 64, 64), bool)) == []
     assert grounded_text("It is the red square.", named, words.vocabularies) == \
         "It is the green square and the blue circle."
+
+
+def test_region_words_without_words_to_read_is_a_clear_error():
+    from instructseg.config import preset
+    from instructseg.errors import InputError
+    from instructseg.model.instructseg import InstructSegModel
+
+    with pytest.raises(InputError, match="region_words=true needs the words to read"):
+        InstructSegModel(preset("tiny").override(["region_words=true"]))
