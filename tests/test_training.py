@@ -314,7 +314,7 @@ def test_encoder_stage_errors(tmp_path, synth_root):
     refcoco = DataSource(kind="refcoco", root=str(synth_root / "refcoco"))
     torch.manual_seed(0)
     plain = InstructSegModel(preset("tiny"))
-    with pytest.raises(InputError, match="no category heads or word slots; set semantic_classes"):
+    with pytest.raises(InputError, match="no category heads, word slots or region words; set semantic_classes"):
         train_encoders(plain, EncoderStage(steps=1, data=[refcoco]), seed=0, device=torch.device("cpu"))
     heads = InstructSegModel(preset("tiny").override(["semantic_classes=5"]))
     videos = DataSource(kind="revos", root=str(synth_root / "revos"))
