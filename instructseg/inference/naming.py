@@ -44,8 +44,10 @@ class ObjectNaming:
 
     def add(self, t: int, masks: np.ndarray, frame_at: Callable[[int], torch.Tensor], size: int) -> None:
         """Read frame t's masks (N, H, W) bool on `frame_at(t)` ((3, size, size) in [0, 1]) if t is one to read."""
-        union = masks.any(0) if len(masks) else None
-        if t not in self.frames or union is None or not union.any():
+        if t not in self.frames or not len(masks):  # (every frame streams through here: skip the others first)
+            return
+        union = masks.any(0)
+        if not union.any():
             return
         square = F.interpolate(torch.from_numpy(union)[None, None].float(), size=(size, size), mode="bilinear",
                                align_corners=False)[0] > 0.5
