@@ -16,7 +16,7 @@ from instructseg.data.formats import read_revos
 from instructseg.data.mixture import BLOCK, PAPER_RATIOS, MixtureDataset, MixtureSampler, ratios_from_tasks
 from instructseg.data.sampling import reference_frames, sample_video_frames, track_frames, uniform_key_frames
 from instructseg.data.training import SOURCE_TASKS, ChatDataset, ImageSampleDataset, TrainingSample, \
-    VideoExpressionDataset, answer_with_segs, build_source, load_rgb, parse_answer, phrase_instruction
+    VideoExpressionDataset, answer_text, answer_with_segs, build_source, load_rgb, parse_answer, phrase_instruction
 from instructseg.data.types import ChatSample, ImageSample
 from instructseg.errors import InputError
 from instructseg.model.tokens import SEG, PromptLayout
@@ -411,6 +411,12 @@ def test_answer_format_round_trip():
         "The two circles have no corners.", 2)
     assert parse_answer("Sure, [SEG], [SEG].") == ("", 2)
     assert parse_answer("The red circle [SEG] and the blue star [SEG].") == ("The red circle and the blue star .", 2)
+    # what a user reads (generate's text): no leftover list after the sentence, no space before the stop
+    assert answer_text("They are the blue star and the red star. [SEG], [SEG] and [SEG]") == (
+        "They are the blue star and the red star.")
+    assert answer_text("The red circle [SEG] and the blue star [SEG].") == "The red circle and the blue star."
+    assert answer_text("Sure, [SEG].") == answer_text("Sure, [SEG] and [SEG].") == "Sure."
+    assert answer_text("Paris is the capital of France.") == "Paris is the capital of France."
 
 
 def test_phrase_instruction():

@@ -103,6 +103,13 @@ def parse_answer(raw: str) -> tuple[str, int]:
 _SEG_LIST_LEFTOVER = re.compile(r"(?:[\s,.]|\band\b)*")
 
 
+def answer_text(raw: str) -> str:
+    """The answer as a user reads it: `parse_answer`'s text with no space or comma before its final stop, and
+    "Sure." for an answer that is only [SEG]s ("Sure, [SEG]."; "It is X. [SEG], [SEG] and" -> "It is X.")."""
+    text = re.sub(r"[\s,]+([.!?])", r"\1", parse_answer(raw)[0])
+    return text or ("Sure." if SEG in raw else "")
+
+
 _TEMPLATES = {
     "image": ("{exp}", "Segment {exp}.", "Please segment {exp}.", "Where is {exp}?", "Can you segment {exp}?",
               "Find {exp} in the image.", "Please segment {exp} in this image."),

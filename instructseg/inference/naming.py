@@ -18,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from instructseg.data.collate import resize_masks
 from instructseg.data.sampling import uniform_key_frames
 from instructseg.decoders.parts import mask_parts
 
@@ -49,9 +49,8 @@ class ObjectNaming:
         union = masks.any(0)
         if not union.any():
             return
-        square = F.interpolate(torch.from_numpy(union)[None, None].float(), size=(size, size), mode="bilinear",
-                               align_corners=False)[0] > 0.5
-        self.votes[tuple(sorted(read_objects(self.region_words, frame_at(t), square.numpy())))] += 1
+        square = resize_masks(union[None], size).numpy()
+        self.votes[tuple(sorted(read_objects(self.region_words, frame_at(t), square)))] += 1
 
     def names(self) -> list[tuple[str, ...]]:
         """The names read on most frames (the first read among ties); [] before any frame is read."""

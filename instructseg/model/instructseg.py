@@ -8,7 +8,6 @@ visual features into E_v. The decoder turns those prompts into masks.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from instructseg.config import ModelConfig
+from instructseg.data.training import answer_text
 from instructseg.decoders.base import FrameFeatures, MaskDecoder, Prompts
 from instructseg.errors import InputError
 from instructseg.llm.loading import load_causal_lm, load_tokenizer
@@ -270,7 +270,7 @@ class InstructSegModel(nn.Module):
         prompts = self.prompts_for(states, features)
         raw = self.tokenizer.decode(new[0], skip_special_tokens=False)
         raw = raw.split(self.tokenizer.eos_token)[0] if self.tokenizer.eos_token else raw
-        text = re.sub(r"[\s,]+([.!?])", r"\1", " ".join(raw.replace(SEG, " ").split()))  # "Sure, [SEG]." -> "Sure."
+        text = answer_text(raw)
         return Generation(text=text, raw_text=raw.strip(), num_objects=prompts.object_embeds.shape[1],
                           prompts=prompts, features=features, states=states)
 

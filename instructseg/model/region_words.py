@@ -41,7 +41,7 @@ class RegionWords(nn.Module):
         self.heads = nn.ModuleDict({kind: nn.Linear(width, len(words)) for kind, words in self.vocabularies.items()})
 
     def forward(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
-        hidden = self.trunk(crops.to(self.heads[next(iter(self.heads))].weight.dtype))
+        hidden = self.trunk(crops.to(self.trunk[0].weight.dtype))
         return {kind: head(hidden) for kind, head in self.heads.items()}
 
     @torch.no_grad()
@@ -50,7 +50,7 @@ class RegionWords(nn.Module):
         {vocabulary: most likely word}."""
         if masks.shape[0] == 0:
             return []
-        device = self.heads[next(iter(self.heads))].weight.device
+        device = self.trunk[0].weight.device
         parts = torch.from_numpy(np.stack([snapped(frame, mask) for mask in masks]))
         logits = self(region_crops(frame.to(device), parts.to(device)))
         picks = {kind: value.argmax(-1).tolist() for kind, value in logits.items()}
