@@ -103,11 +103,14 @@ def parse_answer(raw: str) -> tuple[str, int]:
 _SEG_LIST_LEFTOVER = re.compile(r"(?:[\s,.]|\band\b)*")
 
 
+# a run of [SEG]s joined by commas / "and" (and, at the very end, a dangling comma or "and" after it)
+_SEG_LIST = re.compile(r"\[SEG\](?:\s*,?\s*(?:and\s+)?\[SEG\])*(?:[\s,]*(?:\band)?\s*$)?")
+
+
 def answer_text(raw: str) -> str:
-    """The answer as a user reads it: `parse_answer`'s text with no space or comma before its final stop, and
-    "Sure." for an answer that is only [SEG]s ("Sure, [SEG]."; "It is X. [SEG], [SEG] and" -> "It is X.")."""
-    text = re.sub(r"[\s,]+([.!?])", r"\1", parse_answer(raw)[0])
-    return text or ("Sure." if SEG in raw else "")
+    """The answer as a user reads it: each [SEG] list dropped with its commas and "and"s, and no space or comma
+    before a stop ("Sure, [SEG] and [SEG]." -> "Sure."; "It is X. [SEG], [SEG] and" -> "It is X.")."""
+    return re.sub(r"[\s,]+([.!?])", r"\1", " ".join(_SEG_LIST.sub(" ", raw).split()))
 
 
 _TEMPLATES = {
