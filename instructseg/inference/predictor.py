@@ -74,6 +74,7 @@ class Answer:
     llm_calls: int  # LLM passes so far (generation + teacher-forced); per-frame decoding adds to it
     key_features: dict[int, FrameFeatures] = field(default_factory=dict)  # decoder features of the key frames
     track_weights: torch.Tensor | None = None  # (N, F + 1) the track prior's, for a video (track_choice)
+    scene: bool = False  # choose among every object of the scene first (scene_choice)
 
 
 class InstructSegPredictor:
@@ -175,7 +176,18 @@ class InstructSegPredictor:
         for t, refinement in (refinements or {}).items():
             prompts[t] = self._refine(frames, prompts, t, refinement, gen.num_objects)
         return Answer(text=gen.text, raw_text=gen.raw_text, num_objects=gen.num_objects, key_prompts=prompts,
-                      llm_calls=1, key_features=features, track_weights=weights)
+                      llm_calls=1, key_features=features, track_weights=weights,
+                      scene=weights is not None and gen.num_objects == 1 and self.model.config.decoder.kind == "sam2"
+                      and not self._names_objects(instruction))
+
+    def _names_objects(self, instruction: str) -> bool:
+        """Whether the instruction names a colour or shape of the model's vocabularies (a model without them: yes,
+        as far as the scene choice knows)."""
+        from instructseg.model.track_prior import named_words
+
+        config = self.model.config
+        vocabulary = list(config.attribute_names or []) + list(config.category_names or [])
+        return not vocabulary or bool(named_words(instruction, vocabulary))
 
     def _inputs(self, frames: FrameSource, t: int, instruction: str, answer: str | None,
                 history: list[tuple[str, str]]) -> ModelInputs:
@@ -211,9 +223,11 @@ class InstructSegPredictor:
                     from instructseg.decoders.sam2 import Redetect
 
                     kwargs["redetect"] = Redetect()
-                outputs = self.model.decoder.propagate(frame_at, len(frames), answer.key_prompts, **kwargs)
-                if answer.track_weights is not None and self.model.config.decoder.kind == "sam2":
-                    outputs = self._chosen(frame_at, len(frames), answer, outputs, kwargs["cached"])
+                outputs = self._scene(frames, answer, kwargs["cached"]) if answer.scene else None
+                if outputs is None:
+                    outputs = self.model.decoder.propagate(frame_at, len(frames), answer.key_prompts, **kwargs)
+                    if answer.track_weights is not None and self.model.config.decoder.kind == "sam2":
+                        outputs = self._chosen(frame_at, len(frames), answer, outputs, kwargs["cached"])
             else:
                 features = self.model.decoder.features_at(0, frame_at, dict(answer.key_features))
                 outputs = iter([(0, self.model.decoder.decode(features, answer.key_prompts[0]))])
@@ -231,6 +245,26 @@ class InstructSegPredictor:
                                answer.track_weights, keep=cached)
         for t, out in outputs:
             yield t, DecoderOutput(mask_logits=choice.apply(t, out.mask_logits), score_logits=out.score_logits)
+
+    def _scene(self, frames: FrameSource, answer: Answer, cached: dict) -> Iterator[tuple[int, DecoderOutput]] | None:
+        """The outputs of the scene choice (`instructseg.inference.scene_choice`), or None where it keeps every
+        object. Frames it encodes go into `cached`, as for the track choice."""
+        from instructseg.inference.scene_choice import choose_scene
+
+        scale = min(1.0, self.size / max(frames.height, frames.width))
+        size = (max(1, round(frames.height * scale)), max(1, round(frames.width * scale)))
+
+        def image_at(t: int) -> np.ndarray:
+            frame = frames.frame(t)
+            if size != frame.shape[:2]:
+                x = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+                frame = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+                return frame.permute(1, 2, 0).clamp_(0, 255).numpy() / 255.0
+            return frame.astype(np.float32) / 255.0
+
+        choice = choose_scene(self.model.decoder, lambda t: self._tensor(frames, t)[None], image_at, len(frames),
+                              answer.key_prompts, answer.key_features, answer.track_weights[0], keep=cached)
+        return None if choice is None else choice.outputs(size)
 
     def _per_frame(self, frames: FrameSource, answer: Answer, instruction: str,
                    history: list[tuple[str, str]]) -> Iterator[tuple[int, DecoderOutput]]:

@@ -3,7 +3,7 @@
 A video mask for "the blue shape moving right" often covers every blue shape, and which one moves right shows over
 the clip, not on one frame. With a track prior (`instructseg.model.track_prior`), before the video is propagated,
 each connected part of an object's mask on the first key frame (`instructseg.decoders.parts.mask_parts`) is followed
-through the video in the object's own decodes of each frame (no memory), region by region (`_PartTracks`). (SAM2's
+through the video in the object's own decodes of each frame (no memory), region by region (`PartTracks`). (SAM2's
 memory, given one part's mask, follows its look-alikes too: with two red circles, the tracks of both parts cover
 both circles within four frames.)
 Each part's track is summed up (`instructseg.decoders.tracks`), the instruction's weights score it, and the parts
@@ -62,17 +62,19 @@ GATE = 0.25  # a part follows a region of the next frame whose centre is at most
              # where the part was heading
 
 
-class _PartTracks:
+class PartTracks:
     """The parts of one object's key-frame mask followed through the frames of the object's own decodes: on each
     frame the mask's regions (connected, specks left out) are matched one to one with the parts by the distance
     from where each part was heading (its last centre plus its last step), within `GATE`."""
 
-    def __init__(self, labels: np.ndarray, count: int, num_frames: int):
+    def __init__(self, labels: np.ndarray, count: int, num_frames: int, *, keep_masks: bool = False):
         self.count = count
         self.areas = np.zeros((count, num_frames))
         self.centres = np.zeros((count, num_frames, 2))
         self.cover: dict[int, np.ndarray] = {}
         self.key = [labels == p + 1 for p in range(count)]
+        # with keep_masks, masks[t][p]: part p's region on frame t (np.packbits of the flattened mask)
+        self.masks: dict[int, dict[int, np.ndarray]] | None = {} if keep_masks else None
 
     def start(self, t: int) -> None:
         self.last = np.full((self.count, 2), np.nan)
@@ -81,7 +83,10 @@ class _PartTracks:
 
     def follow(self, t: int, on: np.ndarray) -> None:
         labels, _ = mask_parts(np.where(on, 1.0, -1.0), min_parts=1)
-        regions = [labels == r for r in range(1, int(labels.max()) + 1)]
+        self.follow_regions(t, [labels == r for r in range(1, int(labels.max()) + 1)])
+
+    def follow_regions(self, t: int, regions: list[np.ndarray]) -> None:
+        """Match frame t's `regions` (masks, the key frame's size) with the parts."""
         if not regions:
             self.last += self.step
             return
@@ -105,6 +110,8 @@ class _PartTracks:
             self.last[p] = c
             self.areas[p, t] = m.mean()
             self.centres[p, t] = c
+            if self.masks is not None:
+                self.masks.setdefault(t, {})[p] = np.packbits(m)
             cover[p] = F.max_pool2d(torch.from_numpy(m)[None, None].float(), CELL, ceil_mode=True)[0, 0].numpy() > 0
         self.cover[t] = cover
 
@@ -130,7 +137,7 @@ def choose_tracks(decoder, frame_at, num_frames: int, key_prompts: dict[int, Pro
     for n in range(logits.shape[0]):
         labels, feats = mask_parts(logits[n].float().cpu().numpy())
         if feats.shape[0]:
-            tracks[n] = _PartTracks(labels, feats.shape[0], num_frames)
+            tracks[n] = PartTracks(labels, feats.shape[0], num_frames)
     choice = TrackChoice()
     if not tracks:
         return choice

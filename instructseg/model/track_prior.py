@@ -16,6 +16,8 @@ without a track prior, the linear head gave ReVOS referring J&F 57.2 and the hid
 """
 from __future__ import annotations
 
+import re
+
 from instructseg.decoders.tracks import TRACK_FEATURES
 from instructseg.model.word_linear import WordLinear
 
@@ -27,3 +29,9 @@ class TrackPrior(WordLinear):
 
     def __init__(self, *, width: int, momentum: float = 0.05):
         super().__init__(width=width, out=TRACK_FEATURES + 1, momentum=momentum, hidden=TRACK_HIDDEN)
+
+
+def named_words(text: str, vocabulary: list[str]) -> set[str]:
+    """The words of `vocabulary` that `text` names, singular or plural ("the circles" names "circle")."""
+    tokens = re.findall(r"[a-z]+", text.lower())
+    return {w for w in vocabulary if w in tokens or w + "s" in tokens or w + "es" in tokens}

@@ -12,7 +12,6 @@ seconds after reading the masks.
 """
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from instructseg.decoders.tracks import TRACK_FEATURES, mask_summary, track_features
 from instructseg.errors import InputError
 from instructseg.model.tokens import pad_prompts
+from instructseg.model.track_prior import named_words
 from instructseg.train.rows import Rows
 
 
@@ -36,11 +36,6 @@ class TrackRows(Rows):
     features: torch.Tensor
     labels: torch.Tensor
     valid: torch.Tensor
-
-
-def _words(text: str, vocabulary: list[str]) -> set[str]:
-    tokens = re.findall(r"[a-z]+", text.lower())
-    return {w for w in vocabulary if w in tokens or w + "s" in tokens or w + "es" in tokens}
 
 
 def instruction_words(model, texts: list[str], batch: int = 512) -> torch.Tensor:
@@ -70,9 +65,9 @@ def track_rows(model, expressions) -> TrackRows:
                 for obj, m in zip(e.obj_ids, e.mask_loader()):
                     summaries.setdefault(obj, mask_summary(m))
             if len(e.obj_ids) == 1 and e.answer:
-                names[e.obj_ids[0]] = (_words(e.answer, colours), _words(e.answer, shapes))
+                names[e.obj_ids[0]] = (named_words(e.answer, colours), named_words(e.answer, shapes))
         for e in exps:
-            asked = (_words(e.text, colours), _words(e.text, shapes))
+            asked = (named_words(e.text, colours), named_words(e.text, shapes))
             fits = lambda obj: obj in names and all(  # noqa: E731
                 not a or (names[obj][i] & a) for i, a in enumerate(asked))
             alike = lambda obj: obj in names and any(  # noqa: E731

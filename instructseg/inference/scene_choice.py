@@ -1,0 +1,135 @@
+"""The scene choice: when a video instruction names no colour or shape, every object of the scene is a candidate.
+
+Questions about a clip ("Which shape enters the scene?", "the shape that moves fastest", "Which shape is the
+smallest?") and referring expressions without colour or shape words ("the large shape moving left") tell the target
+by what it does over the clip. On one frame the decoder cannot see that, and its mask often lies on another object
+altogether; the track choice (`instructseg.inference.track_choice`) only drops parts of the mask, so it cannot move
+it. The track prior reads these words well: given every object's ground-truth track on ShapesIVS valid, its best
+object is the target in 114 of 124 such questions (docs/default_model.md, "A scene-wide track choice").
+
+So here the candidates are the objects of the scene. On every frame the instruction's memory-free decode, above the
+low FLOOR, covers most objects (each faintly); that region is cut into regions of one colour (`colour_regions`).
+The first key frame's regions are followed through the frames (`PartTracks`), scored by the track prior and chosen
+by `tracks.choose`. When the choice drops some, the answer's mask on each frame is its kept regions, whose outlines
+are the frame's. When it keeps them all (words that say nothing of tracks: "the shape with no corners"), nothing
+changes and the video is propagated as usual.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from instructseg.decoders.base import DecoderOutput, FrameFeatures, Prompts
+from instructseg.decoders.tracks import choose, track_features, track_summary
+from instructseg.inference.track_choice import KEEP_FEATURES, PartTracks
+
+FLOOR = -12.0  # candidates: where the decode's logits are above this (emulated on ShapesIVS valid: -8 to -14 alike)
+COLOUR_EDGE = 0.235  # neighbouring pixels further apart than this (any channel, in [0, 1]) lie on a border
+BAND = 2  # pixels around a region, outside the candidates, that tell its background colour
+MIN_AREA = 3.5e-4  # regions under this share of the frame are specks (6 pixels of a 128 x 128 frame)
+MIN_SHARE = 0.05  # ... and so are regions under this share of the largest
+
+
+def colour_regions(logits: np.ndarray, image: np.ndarray) -> list[np.ndarray]:
+    """The one-colour regions of `logits > FLOOR` ((H, W)) on `image` ((H, W, 3) float in [0, 1]), as masks:
+    pixels are cut apart where a neighbour differs by more than COLOUR_EDGE, border pixels join the nearest region,
+    and the background (a region of the colour just outside the candidates around it) and specks are left out."""
+    region = logits > FLOOR
+    edge = np.zeros(region.shape, bool)
+    across = np.abs(np.diff(image, axis=1)).max(-1) > COLOUR_EDGE
+    edge[:, 1:] |= across
+    edge[:, :-1] |= across
+    down = np.abs(np.diff(image, axis=0)).max(-1) > COLOUR_EDGE
+    edge[1:] |= down
+    edge[:-1] |= down
+    labels, count = ndimage.label(region & ~edge)
+    if count == 0:
+        return []
+    nearest = ndimage.distance_transform_edt(labels == 0, return_distances=False, return_indices=True)
+    labels = np.where(region, labels[nearest[0], nearest[1]], 0)
+    areas = np.bincount(labels.ravel(), minlength=count + 1)
+    kept = []
+    for r in np.flatnonzero(areas >= max(MIN_AREA * labels.size, 1)):
+        if r == 0:
+            continue
+        mask = labels == r
+        band = ndimage.binary_dilation(mask, iterations=BAND) & ~region
+        if band.sum() >= 3 and np.abs(np.median(image[mask], 0) - np.median(image[band], 0)).max() < COLOUR_EDGE:
+            continue  # the background between objects
+        kept.append(mask)
+    kept.sort(key=lambda m: -int(m.sum()))
+    return [m for m in kept if m.sum() >= MIN_SHARE * kept[0].sum()]
+
+
+@dataclass
+class SceneChoice:
+    """The kept regions of every frame (`masks[t]`: (h, w) bool at the image size) and the decode's presence
+    logit there (`scores[t]`)."""
+
+    masks: dict[int, np.ndarray]
+    scores: dict[int, float]
+
+    def outputs(self, size: tuple[int, int]) -> Iterator[tuple[int, DecoderOutput]]:
+        """(t, output) for every frame in order, one object, its mask logits (1, 1, h, w) at +-4."""
+        for t in sorted(self.masks):
+            logits = torch.from_numpy(np.where(self.masks[t], 4.0, -4.0).astype(np.float32)).reshape(1, 1, *size)
+            yield t, DecoderOutput(mask_logits=logits, score_logits=torch.tensor([[self.scores[t]]]))
+
+
+def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Callable[[int], np.ndarray],
+                 num_frames: int, key_prompts: dict[int, Prompts], key_features: dict[int, FrameFeatures],
+                 weights: torch.Tensor, keep: dict | None = None) -> SceneChoice | None:
+    """The choice for the one object of `key_prompts` with the track prior's `weights` (TRACK_FEATURES + 1), or
+    None when it keeps every region (or finds fewer than two on the first key frame). Frames are decoded without
+    memory with the nearest key frame's prompts, the first key frame first and then the others in order;
+    `image_at(t)` gives frame t as (h, w, 3) float in [0, 1], the size the regions are cut at. Encoded features go
+    into `keep` as in `track_choice.choose_tracks`."""
+    keys = sorted(key_prompts)
+    first = keys[0]
+    scores: dict[int, float] = {}
+
+    def regions(t: int) -> list[np.ndarray]:
+        features = key_features.get(t)
+        if features is None:
+            features = decoder.encode(frame_at(t))
+            if keep is not None and t not in keep and len(keep) < KEEP_FEATURES:
+                keep[t] = features
+        out = decoder.decode(features, key_prompts[min(keys, key=lambda k: (abs(k - t), k))].objects(slice(0, 1)))
+        scores[t] = float(out.score_logits[0, 0])
+        image = image_at(t)
+        logits = F.interpolate(out.mask_logits[:, :1].float(), size=image.shape[:2], mode="bilinear",
+                               align_corners=False)[0, 0].cpu().numpy()
+        return colour_regions(logits, image)
+
+    found = regions(first)
+    if len(found) < 2:
+        return None
+    shape = found[0].shape
+    unpack = lambda packed: np.unpackbits(packed, count=found[0].size).reshape(shape).astype(bool)  # noqa: E731
+    # every other frame in order (a video file reads on without seeking), its regions kept packed
+    later = {t: [np.packbits(m) for m in regions(t)] for t in range(num_frames) if t != first}
+    labels = np.zeros(shape, np.int64)
+    for p, mask in enumerate(found):
+        labels[mask] = p + 1
+    tracks = PartTracks(labels, len(found), num_frames, keep_masks=True)
+    for frames in (range(first + 1, num_frames), range(first - 1, -1, -1)):
+        tracks.start(first)
+        for t in frames:
+            tracks.follow_regions(t, [unpack(packed) for packed in later[t]])
+    summaries = np.stack([track_summary(tracks.areas[p], tracks.centres[p]) for p in range(tracks.count)])
+    w = weights.float().cpu().numpy()
+    kept = choose(track_features(summaries) @ w[:-1] + w[-1])
+    if kept.all():
+        return None
+    masks = {}
+    for t in range(num_frames):
+        mask = np.zeros(shape, bool)
+        for p, packed in tracks.masks.get(t, {}).items():
+            mask |= kept[p] & unpack(packed)
+        masks[t] = mask
+    return SceneChoice(masks, scores)
