@@ -136,6 +136,47 @@ def test_default_chooses_between_look_alikes_by_their_tracks(default, tmp_path, 
     assert right < 0.6 and left > 0.3, (right, left)
 
 
+def test_default_chooses_among_every_object_when_the_words_name_none(default, tmp_path):
+    """Three shapes of three colours: a blue square that stays, a green triangle moving slowly, a yellow hexagon
+    crossing the frame. "the shape that moves fastest" names no colour or shape, so every object is a candidate
+    (the scene choice): the mask is the hexagon's on every frame (measured: IoU 0.97; 0.0 without the choice, whose
+    mask lies on the square), and the answer names it. An instruction with a colour word keeps the usual path."""
+    import dataclasses
+
+    from PIL import Image
+
+    from instructseg.data.synthetic_scene import Scene, ShapeObject, render
+    from instructseg.inference.io import open_source
+
+    frames, size = 8, 128
+
+    def shape(i, kind, colour, xs, ys, radius):
+        return ShapeObject(obj_id=i, shape=kind, colour=colour, size="large", radius=radius * size, angle=0.0,
+                           centres=np.stack([xs, ys], 1), motion="bounce", speed=1.0)
+
+    objects = [shape(1, "square", "blue", np.full(frames, 30.0), np.full(frames, 30.0), 0.12),
+               shape(2, "triangle", "green", np.linspace(40, 52, frames), np.full(frames, 96.0), 0.12),
+               shape(3, "hexagon", "yellow", np.linspace(20, 108, frames), np.full(frames, 64.0), 0.10)]
+    drawn = render(Scene(size, size, np.full((size, size, 3), 90, np.uint8), objects))
+    for t in range(frames):
+        Image.fromarray(drawn.frames[t]).save(tmp_path / f"{t:05d}.png")
+    source = open_source(tmp_path)
+
+    def ious(answer):
+        masks = np.stack([f.masks[0] for f in sorted(default.frames(source, answer), key=lambda f: f.index)])
+        return [iou(masks, drawn.visible[i]) for i in range(3)]
+
+    for instruction in ("the shape that moves fastest", "Which shape ends up closest to the right side?"):
+        answer = default.answer(source, instruction)
+        assert answer.scene and answer.num_objects == 1
+        square, triangle, hexagon = ious(answer)
+        assert hexagon > 0.9 and square < 0.05 and triangle < 0.05, (instruction, square, triangle, hexagon)
+        assert ious(dataclasses.replace(answer, scene=False))[2] < 0.5
+    result = default.segment(source, "the shape that moves fastest")
+    assert "yellow hexagon" in result.text, result.text
+    assert not default.answer(source, "the yellow shape that moves fastest").scene
+
+
 def test_default_answers_name_what_its_masks_show(default, unseen, monkeypatch):
     """Reasoning questions about unseen still images: with the region words, the answers name the reference's
     objects more often than the LLM's own answers (measured on these 18 questions: 9 against 6; docs/

@@ -67,7 +67,7 @@ def test_a_choice_clears_the_dropped_parts_and_regions_away_from_the_kept_ones()
 
 def test_parts_are_followed_by_where_they_head_not_by_look():
     """Two look-alike squares pass each other: each part keeps its own square."""
-    from instructseg.inference.track_choice import _PartTracks
+    from instructseg.inference.track_choice import PartTracks
 
     size, frames = 64, 8
     def square(x, y):
@@ -77,7 +77,7 @@ def test_parts_are_followed_by_where_they_head_not_by_look():
     right = [square(4 + 6 * t, 10) for t in range(frames)]
     left = [square(52 - 6 * t, 18) for t in range(frames)]   # touching while they pass: one region there
     labels = right[0].astype(np.int64) + 2 * left[0]
-    tracks = _PartTracks(labels, 2, frames)
+    tracks = PartTracks(labels, 2, frames)
     tracks.start(0)
     for t in range(1, frames):
         tracks.follow(t, right[t] | left[t])
