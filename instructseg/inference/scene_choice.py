@@ -10,9 +10,9 @@ object is the target in 114 of 124 such questions (docs/default_model.md, "A sce
 So here the candidates are the objects of the scene. On every frame the instruction's memory-free decode, above the
 low FLOOR, covers most objects (each faintly); that region is cut into regions of one colour (`colour_regions`).
 The first key frame's regions are followed through the frames (`PartTracks`), scored by the track prior and chosen
-by `tracks.choose`. When the choice drops some, the answer's mask on each frame is its kept regions, whose outlines
-are the frame's. When it keeps them all (words that say nothing of tracks: "the shape with no corners"), nothing
-changes and the video is propagated as usual.
+by `tracks.choose`. When the choice drops some, the answer's object (it has one) is the best region, and its mask
+on each frame is that region, whose outline is the frame's. When the choice keeps them all (words that say nothing
+of tracks: "the shape with no corners"), nothing changes and the video is propagated as usual.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def colour_regions(logits: np.ndarray, image: np.ndarray) -> list[np.ndarray]:
 
 @dataclass
 class SceneChoice:
-    """The kept regions of every frame (`masks[t]`: (h, w) bool at the image size) and the decode's presence
+    """The chosen region on every frame (`masks[t]`: (h, w) bool at the image size) and the decode's presence
     logit there (`scores[t]`)."""
 
     masks: dict[int, np.ndarray]
@@ -84,8 +84,9 @@ class SceneChoice:
 def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Callable[[int], np.ndarray],
                  num_frames: int, key_prompts: dict[int, Prompts], key_features: dict[int, FrameFeatures],
                  weights: torch.Tensor, keep: dict | None = None) -> SceneChoice | None:
-    """The choice for the one object of `key_prompts` with the track prior's `weights` (TRACK_FEATURES + 1), or
-    None when it keeps every region (or finds fewer than two on the first key frame). Frames are decoded without
+    """The choice for the one object of `key_prompts` with the track prior's `weights` (TRACK_FEATURES + 1): the
+    best region, or None when `tracks.choose` keeps every region (or there are fewer than two on the first key
+    frame). Frames are decoded without
     memory with the nearest key frame's prompts, the first key frame first and then the others in order;
     `image_at(t)` gives frame t as (h, w, 3) float in [0, 1], the size the regions are cut at. Encoded features go
     into `keep` as in `track_choice.choose_tracks`."""
@@ -123,9 +124,11 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
             tracks.follow_regions(t, [unpack(packed) for packed in later[t]])
     summaries = np.stack([track_summary(tracks.areas[p], tracks.centres[p]) for p in range(tracks.count)])
     w = weights.float().cpu().numpy()
-    kept = choose(track_features(summaries) @ w[:-1] + w[-1])
-    if kept.all():
+    score = track_features(summaries) @ w[:-1] + w[-1]
+    if choose(score).all():
         return None
+    kept = score == score.max()  # the answer has one object: its best region (emulated: +2.0 / +2.0 J&F over
+    # keeping every region `choose` keeps, on ShapesIVS valid referring / reasoning)
     masks = {}
     for t in range(num_frames):
         mask = np.zeros(shape, bool)
