@@ -197,7 +197,7 @@ def test_generate_turns_every_seg_into_an_object(model):
     gen = model.generate(inputs, max_new_tokens=len(answer) + 2,
                          logits_processor=LogitsProcessorList([_Force(0, answer)]))
     assert gen.num_objects == 2
-    assert gen.text == "Two circles: and."  # [SEG] tokens dropped, no space left before the full stop
+    assert gen.text == "Two circles."  # the [SEG] list dropped with its "and", no colon left before the stop
     assert gen.prompts.object_embeds.shape[:2] == (1, 2)
     decoded = model.decoder.decode(gen.features, gen.prompts)
     assert decoded.mask_logits.shape[:2] == (1, 2)

@@ -416,7 +416,7 @@ def test_answer_format_round_trip():
         "They are the blue star and the red star.")
     assert answer_text("The red circle [SEG] and the blue star [SEG].") == "The red circle and the blue star."
     assert answer_text("Sure, [SEG].") == answer_text("Sure, [SEG] and [SEG].") == "Sure."
-    assert answer_text("[SEG]") == ""
+    assert answer_text("[SEG]") == "" and answer_text("Two circles: [SEG] and [SEG].") == "Two circles."
     assert answer_text("The white circle has no corners. [SEG], and [SEG] and") == "The white circle has no corners."
     assert answer_text("Paris is the capital of France.") == "Paris is the capital of France."
 

@@ -108,9 +108,9 @@ _SEG_LIST = re.compile(r"\[SEG\](?:\s*,?\s*(?:and\s+)?\[SEG\])*(?:[\s,]*(?:\band
 
 
 def answer_text(raw: str) -> str:
-    """The answer as a user reads it: each [SEG] list dropped with its commas and "and"s, and no space or comma
-    before a stop ("Sure, [SEG] and [SEG]." -> "Sure."; "It is X. [SEG], [SEG] and" -> "It is X.")."""
-    return re.sub(r"[\s,]+([.!?])", r"\1", " ".join(_SEG_LIST.sub(" ", raw).split()))
+    """The answer as a user reads it: each [SEG] list dropped with its commas and "and"s, and no space, comma or
+    colon before a stop ("Sure, [SEG] and [SEG]." -> "Sure."; "It is X. [SEG], [SEG] and" -> "It is X.")."""
+    return re.sub(r"[\s,:;]+([.!?])", r"\1", " ".join(_SEG_LIST.sub(" ", raw).split()))
 
 
 _TEMPLATES = {
