@@ -8,7 +8,9 @@ Modes for video:
   video; each frame is encoded by the decoder once. The LLM runs in bfloat16 where the hardware has it
   (`llm_dtype="auto"`). With a track prior (`instructseg.inference.track_choice`), the parts of an object's mask
   that the instruction does not mean by their tracks are cleared; finding them costs one more decoding of every
-  frame without memory, before the first frame is out, when some object's first key-frame mask has parts.
+  frame without memory, before the first frame is out, when some object's first key-frame mask has parts. When
+  the instruction names no colour or shape and the answer one object, every object of the scene is a candidate
+  first (`instructseg.inference.scene_choice`); where that choice drops some, its best region is the mask.
 - `per-frame`: InstructSeg's protocol, the baseline: every frame goes through the LLM with its reference frames
   and is decoded on its own.
 Results stream frame by frame (`stream`), so a long video never holds all frames or all masks in memory.
