@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from instructseg.decoders.base import DecoderOutput, FrameFeatures, Prompts
 from instructseg.decoders.tracks import choose, track_features, track_summary
-from instructseg.inference.track_choice import KEEP_FEATURES, PartTracks
+from instructseg.inference.track_choice import PartTracks, decode_alone
 
 FLOOR = -12.0  # candidates: where the decode's logits are above this (emulated on ShapesIVS valid: -8 to -14 alike)
 COLOUR_EDGE = 0.235  # neighbouring pixels further apart than this (any channel, in [0, 1]) lie on a border
@@ -86,21 +86,15 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
                  weights: torch.Tensor, keep: dict | None = None) -> SceneChoice | None:
     """The choice for the one object of `key_prompts` with the track prior's `weights` (TRACK_FEATURES + 1): the
     best region, or None when `tracks.choose` keeps every region (or there are fewer than two on the first key
-    frame). Frames are decoded without
-    memory with the nearest key frame's prompts, the first key frame first and then the others in order;
+    frame). Frames are decoded without memory (`track_choice.decode_alone`), the first key frame first and then
+    the others in order;
     `image_at(t)` gives frame t as (h, w, 3) float in [0, 1], the size the regions are cut at. Encoded features go
     into `keep` as in `track_choice.choose_tracks`."""
-    keys = sorted(key_prompts)
-    first = keys[0]
+    first = min(key_prompts)
     scores: dict[int, float] = {}
 
     def regions(t: int) -> list[np.ndarray]:
-        features = key_features.get(t)
-        if features is None:
-            features = decoder.encode(frame_at(t))
-            if keep is not None and t not in keep and len(keep) < KEEP_FEATURES:
-                keep[t] = features
-        out = decoder.decode(features, key_prompts[min(keys, key=lambda k: (abs(k - t), k))].objects(slice(0, 1)))
+        out = decode_alone(decoder, frame_at, t, key_prompts, key_features, slice(0, 1), keep)
         scores[t] = float(out.score_logits[0, 0])
         image = image_at(t)
         logits = F.interpolate(out.mask_logits[:, :1].float(), size=image.shape[:2], mode="bilinear",
@@ -133,6 +127,7 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
     for t in range(num_frames):
         mask = np.zeros(shape, bool)
         for p, packed in tracks.masks.get(t, {}).items():
-            mask |= kept[p] & unpack(packed)
+            if kept[p]:
+                mask |= unpack(packed)
         masks[t] = mask
     return SceneChoice(masks, scores)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from instructseg.decoders.base import Prompts
+from instructseg.decoders.base import DecoderOutput, Prompts
 from instructseg.decoders.parts import mask_parts
 from instructseg.decoders.tracks import choose, track_features, track_summary
 
@@ -124,14 +124,25 @@ def _centre(mask: np.ndarray) -> tuple[float, float]:
 KEEP_FEATURES = 64  # frames whose decoder features the choice hands on to the propagation (about 1.6 MiB each)
 
 
+def decode_alone(decoder, frame_at, t: int, key_prompts: dict[int, Prompts], key_features: dict, objects,
+                 keep: dict | None = None) -> DecoderOutput:
+    """Frame t decoded without memory with the nearest key frame's prompts for `objects` (indices or a slice); its
+    features are the key frame's, or encoded from `frame_at(t)` and put into `keep` (the propagation's cache)
+    while it holds fewer than KEEP_FEATURES frames."""
+    features = key_features[t] if t in key_features else decoder.encode(frame_at(t))
+    if keep is not None and t not in keep and len(keep) < KEEP_FEATURES:
+        keep[t] = features
+    near = min(key_prompts, key=lambda k: (abs(k - t), k))
+    return decoder.decode(features, key_prompts[near].objects(objects))
+
+
 def choose_tracks(decoder, frame_at, num_frames: int, key_prompts: dict[int, Prompts], key_features: dict,
                   weights: torch.Tensor, keep: dict | None = None) -> TrackChoice:
     """The choice for the objects of `key_prompts` (decoded from `key_features` on the key frames; other frames are
     encoded from `frame_at` and decoded with the nearest key frame's prompts), with `weights` (N, TRACK_FEATURES + 1)
     per object (the track prior's). The features it encodes go into `keep` (the propagation's cache, which consumes
     them) while it holds fewer than KEEP_FEATURES frames, so that those frames are not encoded twice."""
-    keys = sorted(key_prompts)
-    first = keys[0]
+    first = min(key_prompts)
     logits = decoder.decode(key_features[first], key_prompts[first]).mask_logits[0]
     tracks = {}
     for n in range(logits.shape[0]):
@@ -148,11 +159,8 @@ def choose_tracks(decoder, frame_at, num_frames: int, key_prompts: dict[int, Pro
         for t in frames:
             if t == first:
                 continue
-            near = min(keys, key=lambda k: (abs(k - t), k))
-            features = key_features[t] if t in key_features else decoder.encode(frame_at(t))
-            if keep is not None and t not in keep and len(keep) < KEEP_FEATURES:
-                keep[t] = features
-            on = (decoder.decode(features, key_prompts[near].objects(objects)).mask_logits[0] > 0).cpu().numpy()
+            out = decode_alone(decoder, frame_at, t, key_prompts, key_features, objects, keep)
+            on = (out.mask_logits[0] > 0).cpu().numpy()
             for i, n in enumerate(objects):
                 tracks[n].follow(t, on[i])
     for n, part_tracks in tracks.items():
