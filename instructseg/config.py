@@ -133,6 +133,10 @@ class ModelConfig:
     # masked crop with these two vocabularies, and the answer's object names follow (instructseg.inference.naming);
     # trained in the encoder stage (`encoders.train: [region_words]`)
     region_words: bool = False
+    # implied words (instructseg.model.implied_words): the colour and shape an instruction's targets have, read from
+    # its words when it does not name them ("the shape with no corners": circle), for the scene choice; fitted in the
+    # prior stage (`prior.fit: [words]`)
+    implied_words: bool = False
 
     @property
     def word_vocabularies(self) -> dict[str, list[str]]:

@@ -97,42 +97,52 @@ def test_commands_without_model_use_the_default(unseen, tmp_path):
     assert data["instruction"] == "segment the red circle"
 
 
-def test_default_chooses_between_look_alikes_by_their_tracks(default, tmp_path, monkeypatch):
-    """Two red circles, one moving right along the top, one moving left along the bottom: the mask of "the red
-    circle moving right" covers both before the track choice and the right one after it (measured: IoU 0.92 and
-    0.0; 0.48 and 0.48 without the choice). The frames the choice encodes are handed on to the propagation: the
-    masks are the same without that."""
-    import dataclasses
-
+def _drawn_video(tmp_path, objects, frames: int = 8, size: int = 128):
+    """(source, drawn): `objects` ((shape, colour, xs, ys, radius as a fraction of the frame) per object) drawn on
+    a grey frame and saved as PNG frames under `tmp_path`."""
     from PIL import Image
 
     from instructseg.data.synthetic_scene import Scene, ShapeObject, render
     from instructseg.inference.io import open_source
 
-    frames, size = 8, 128
-    xs = np.linspace(30, 98, frames)
-    circles = [ShapeObject(obj_id=i + 1, shape="circle", colour="red", size="large", radius=0.15 * size, angle=0.0,
-                           centres=np.stack([x, np.full(frames, y)], 1), motion="bounce", speed=9.7)
-               for i, (y, x) in enumerate(((32, xs), (96, xs[::-1])))]
-    drawn = render(Scene(size, size, np.full((size, size, 3), 90, np.uint8), circles))
+    drawn = render(Scene(size, size, np.full((size, size, 3), 90, np.uint8), [
+        ShapeObject(obj_id=i + 1, shape=kind, colour=colour, size="large", radius=radius * size, angle=0.0,
+                    centres=np.stack([np.broadcast_to(xs, frames), np.broadcast_to(ys, frames)], 1).astype(float),
+                    motion="bounce", speed=1.0)
+        for i, (kind, colour, xs, ys, radius) in enumerate(objects)]))
     for t in range(frames):
         Image.fromarray(drawn.frames[t]).save(tmp_path / f"{t:05d}.png")
-    source = open_source(tmp_path)
+    return open_source(tmp_path), drawn
+
+
+def _ious(default, source, drawn, answer):
+    """IoU of the answer's first object's masks with each drawn object's."""
+    masks = np.stack([f.masks[0] for f in sorted(default.frames(source, answer), key=lambda f: f.index)])
+    return [iou(masks, visible) for visible in drawn.visible]
+
+
+def test_default_chooses_between_look_alikes_by_their_tracks(default, tmp_path, monkeypatch):
+    """Two red circles, one moving right along the top, one moving left along the bottom. "the red circle moving
+    right" names a colour and a shape: the scene choice takes the one-colour regions read as red circles (both)
+    and the track prior chooses (measured: IoU 0.99 and 0.0). Without the scene choice, the mask of the usual path
+    covers both before the track choice and the right one after it (0.92 and 0.0; 0.48 and 0.48 without either).
+    The frames the choices encode are handed on to the propagation: the masks are the same without that."""
+    import dataclasses
+
+    xs = np.linspace(30, 98, 8)
+    source, drawn = _drawn_video(tmp_path, [("circle", "red", xs, 32, 0.15), ("circle", "red", xs[::-1], 96, 0.15)])
     answer = default.answer(source, "segment the red circle moving right")
     assert answer.num_objects == 1 and answer.track_weights is not None
-
-    def masks(a):
-        return np.stack([f.masks[0] for f in sorted(default.frames(source, a), key=lambda f: f.index)])
-
-    def ious(a):
-        return [iou(masks(a), drawn.visible[i]) for i in range(2)]
-
-    right, left = ious(answer)
-    assert right > 0.8 and left < 0.05, (right, left)
-    handed_on = masks(answer)
-    monkeypatch.setattr("instructseg.inference.track_choice.KEEP_FEATURES", 0)
-    assert np.array_equal(masks(answer), handed_on)
-    right, left = ious(dataclasses.replace(answer, track_weights=None))
+    assert answer.scene.words == {"attribute": {"red"}, "category": {"circle"}} and not answer.scene.implied
+    parts = dataclasses.replace(answer, scene=None)
+    for chosen in (answer, parts):
+        right, left = _ious(default, source, drawn, chosen)
+        assert right > 0.8 and left < 0.05, (chosen.scene, right, left)
+        handed_on = _ious(default, source, drawn, chosen)
+        with monkeypatch.context() as patch:
+            patch.setattr("instructseg.inference.track_choice.KEEP_FEATURES", 0)
+            assert _ious(default, source, drawn, chosen) == handed_on
+    right, left = _ious(default, source, drawn, dataclasses.replace(parts, track_weights=None))
     assert right < 0.6 and left > 0.3, (right, left)
 
 
@@ -140,41 +150,67 @@ def test_default_chooses_among_every_object_when_the_words_name_none(default, tm
     """Three shapes of three colours: a blue square that stays, a green triangle moving slowly, a yellow hexagon
     crossing the frame. "the shape that moves fastest" names no colour or shape, so every object is a candidate
     (the scene choice): the mask is the hexagon's on every frame (measured: IoU 0.97; 0.0 without the choice, whose
-    mask lies on the square), and the answer names it. An instruction with a colour word keeps the usual path."""
+    mask lies on the square), and the answer names it."""
     import dataclasses
 
-    from PIL import Image
-
-    from instructseg.data.synthetic_scene import Scene, ShapeObject, render
-    from instructseg.inference.io import open_source
-
-    frames, size = 8, 128
-
-    def shape(i, kind, colour, xs, ys, radius):
-        return ShapeObject(obj_id=i, shape=kind, colour=colour, size="large", radius=radius * size, angle=0.0,
-                           centres=np.stack([xs, ys], 1), motion="bounce", speed=1.0)
-
-    objects = [shape(1, "square", "blue", np.full(frames, 30.0), np.full(frames, 30.0), 0.12),
-               shape(2, "triangle", "green", np.linspace(40, 52, frames), np.full(frames, 96.0), 0.12),
-               shape(3, "hexagon", "yellow", np.linspace(20, 108, frames), np.full(frames, 64.0), 0.10)]
-    drawn = render(Scene(size, size, np.full((size, size, 3), 90, np.uint8), objects))
-    for t in range(frames):
-        Image.fromarray(drawn.frames[t]).save(tmp_path / f"{t:05d}.png")
-    source = open_source(tmp_path)
-
-    def ious(answer):
-        masks = np.stack([f.masks[0] for f in sorted(default.frames(source, answer), key=lambda f: f.index)])
-        return [iou(masks, drawn.visible[i]) for i in range(3)]
-
+    source, drawn = _drawn_video(tmp_path, [("square", "blue", 30, 30, 0.12),
+                                            ("triangle", "green", np.linspace(40, 52, 8), 96, 0.12),
+                                            ("hexagon", "yellow", np.linspace(20, 108, 8), 64, 0.10)])
     for instruction in ("the shape that moves fastest", "Which shape ends up closest to the right side?"):
         answer = default.answer(source, instruction)
-        assert answer.scene and answer.num_objects == 1
-        square, triangle, hexagon = ious(answer)
+        assert answer.scene.words == {} and answer.num_objects == 1
+        square, triangle, hexagon = _ious(default, source, drawn, answer)
         assert hexagon > 0.9 and square < 0.05 and triangle < 0.05, (instruction, square, triangle, hexagon)
-        assert ious(dataclasses.replace(answer, scene=False))[2] < 0.5
+        assert _ious(default, source, drawn, dataclasses.replace(answer, scene=None))[2] < 0.5
     result = default.segment(source, "the shape that moves fastest")
     assert "yellow hexagon" in result.text, result.text
-    assert not default.answer(source, "the yellow shape that moves fastest").scene
+
+
+def test_default_chooses_among_the_objects_the_words_name(default, tmp_path):
+    """Two yellow hexagons, one still and one crossing the frame, and a blue square. "the hexagon moving right"
+    names a shape: the candidates are the regions the region words read as hexagons, and the track prior takes the
+    moving one (measured: IoU 0.98; without the scene choice the mask covers both hexagons, 0.57 and 0.40). "the
+    blue square" has one candidate, which is the mask (0.90)."""
+    import dataclasses
+
+    source, drawn = _drawn_video(tmp_path, [("hexagon", "yellow", 30, 30, 0.12),
+                                            ("square", "blue", np.linspace(40, 52, 8), 96, 0.12),
+                                            ("hexagon", "yellow", np.linspace(20, 108, 8), 64, 0.10)])
+    answer = default.answer(source, "the hexagon moving right")
+    assert answer.scene.words == {"category": {"hexagon"}} and not answer.scene.implied
+    still, square, moving = _ious(default, source, drawn, answer)
+    assert moving > 0.9 and still < 0.05 and square < 0.05, (still, square, moving)
+    assert _ious(default, source, drawn, dataclasses.replace(answer, scene=None))[2] < 0.7
+    still, square, moving = _ious(default, source, drawn, default.answer(source, "the blue square"))
+    assert square > 0.8 and still < 0.05 and moving < 0.05, (still, square, moving)
+
+
+def test_default_takes_every_object_the_words_imply(default, tmp_path):
+    """Knowledge words name no colour or shape, but the implied words read one: "Which shape has no corners?" is
+    about circles, so the candidates are the regions read as circles. The track prior cannot tell the two circles
+    apart, and an implied word means every object that has it: the mask covers both circles and not the square
+    (measured: IoU 0.5 with each circle, 0.97 with the red one alone without the choice), and the answer names
+    both. "the shape that looks like the face of a die" gets the square (0.85; 0.0 without the choice, whose mask
+    lies on the red circle)."""
+    import dataclasses
+
+    source, drawn = _drawn_video(tmp_path, [("circle", "red", 30, 30, 0.12), ("square", "blue", 96, 40, 0.12),
+                                            ("circle", "green", 64, np.linspace(80, 100, 8), 0.12)])
+
+    def union(answer):
+        return np.stack([f.masks.any(0) for f in sorted(default.frames(source, answer), key=lambda f: f.index)])
+
+    answer = default.answer(source, "Which shape has no corners?")
+    assert answer.scene.words == {"category": {"circle"}} and answer.scene.implied and answer.num_objects == 1
+    circles = drawn.visible[0] | drawn.visible[2]
+    assert iou(union(answer), circles) > 0.8 and iou(union(answer), drawn.visible[1]) < 0.05
+    assert iou(union(dataclasses.replace(answer, scene=None)), circles) < 0.6
+    result = default.segment(source, "Which shape has no corners?")
+    assert "red circle" in result.text and "green circle" in result.text, result.text
+    answer = default.answer(source, "the shape that looks like the face of a die")
+    assert answer.scene.words == {"category": {"square"}} and answer.scene.implied
+    assert iou(union(answer), drawn.visible[1]) > 0.7 and iou(union(answer), circles) < 0.05
+    assert iou(union(dataclasses.replace(answer, scene=None)), drawn.visible[1]) < 0.3
 
 
 def test_default_answers_name_what_its_masks_show(default, unseen, monkeypatch):

@@ -195,30 +195,37 @@ def test_a_collection_is_keyed_without_the_priors_overrides(tmp_path, synth_root
 
 
 @pytest.mark.slow
-def test_a_tracks_only_stage_fits_the_track_prior_without_collecting(tmp_path, synth_root):
-    """`prior.fit: [tracks]`: ground-truth tracks only (no collection); the joint steps after it leave the track
-    prior as it is (it is never in their loss), and it is exported with the model."""
+def test_a_tracks_and_words_stage_fits_both_heads_without_collecting(tmp_path, synth_root):
+    """`prior.fit: [tracks, words]`: ground-truth tracks and answers only (no collection); the joint steps after
+    it leave both heads as they are (they are never in their loss), and they are exported with the model."""
     from safetensors.torch import load_file
 
+    from instructseg.data.synthetic_scene import COLOURS, SHAPES
     from tests.test_training import _recipe, _train
 
     recipe = _recipe(tmp_path, synth_root, steps=2, save_every=2, weight_decay=0.5)
     data = yaml.safe_load(recipe.read_text())
     base = tmp_path / "base"
     torch.manual_seed(0)
-    InstructSegModel(preset("tiny").override(["decoder.track_prior=true"])).save_pretrained(base)
+    InstructSegModel(preset("tiny").override([
+        "decoder.track_prior=true", "implied_words=true", f"attribute_names=[{', '.join(COLOURS)}]",
+        f"category_names=[{', '.join(SHAPES)}]"])).save_pretrained(base)
     data["model"] = str(base)
-    data["prior"] = {"samples": 1, "steps": 20, "batch_size": 16, "lr": 1e-2, "warmup_steps": 1, "fit": ["tracks"],
+    data["prior"] = {"samples": 1, "steps": 20, "batch_size": 16, "lr": 1e-2, "warmup_steps": 1,
+                     "fit": ["tracks", "words"],
                      "data": [{"kind": "revos", "root": str(synth_root / "revos"), "split": "train"}]}
     recipe.write_text(yaml.safe_dump(data))
     result = _train([str(recipe)])
-    assert "prior stage: the track prior" in result.stdout and "collecting" not in result.stdout
+    assert "prior stage: the track prior and the implied words" in result.stdout and "collecting" not in result.stdout
     assert "video expressions with candidates, track loss" in result.stdout
+    assert "video expressions whose answers name a word, implied-words loss" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "run" / "prior.jsonl").read_text().splitlines()]
     assert [r["tracks_step"] for r in rows if "tracks_step" in r] == list(range(1, 21))
+    assert [r["words_step"] for r in rows if "words_step" in r] == list(range(1, 21))
     stage = load_file(str(tmp_path / "run" / "prior.safetensors"))
-    assert set(stage) == {f"track_prior.{k}" for k in ("hidden.0.weight", "hidden.0.bias", "linear.weight",
-                                                       "linear.bias", "mean", "var", "seen")}
+    head = ("hidden.0.weight", "hidden.0.bias", "linear.weight", "linear.bias", "mean", "var", "seen")
+    assert set(stage) == {f"{name}.{k}" for name in ("track_prior", "implied_words") for k in head}
     assert float(stage["track_prior.linear.weight"].abs().max()) > 0
+    assert float(stage["implied_words.linear.weight"].abs().max()) > 0
     final = InstructSegModel.from_pretrained(tmp_path / "run" / "final").state_dict()
     assert all(torch.equal(value, final[key]) for key, value in stage.items())

@@ -9,8 +9,10 @@ Modes for video:
   (`llm_dtype="auto"`). With a track prior (`instructseg.inference.track_choice`), the parts of an object's mask
   that the instruction does not mean by their tracks are cleared; finding them costs one more decoding of every
   frame without memory, before the first frame is out, when some object's first key-frame mask has parts. When
-  the instruction names no colour or shape and the answer one object, every object of the scene is a candidate
-  first (`instructseg.inference.scene_choice`); where that choice drops some, its best region is the mask.
+  the answer has one object, every object of the scene (of the colour and shape the instruction names or implies,
+  if any) is a candidate first (`instructseg.inference.scene_choice`); where the track prior drops some, its best
+  region is the mask, and where it keeps them all, all of them (but the video is propagated as usual when the
+  instruction names and implies nothing).
 - `per-frame`: InstructSeg's protocol, the baseline: every frame goes through the LLM with its reference frames
   and is decoded on its own.
 Results stream frame by frame (`stream`), so a long video never holds all frames or all masks in memory.
@@ -35,6 +37,7 @@ from instructseg.errors import InputError
 from instructseg.inference.io import FrameSource, open_source
 from instructseg.inference.naming import ObjectNaming
 from instructseg.inference.results import Masklet, ResultWriter, SegmentationResult, encode_mask
+from instructseg.inference.scene_choice import SceneWords, choose_scene
 from instructseg.llm.lora import adapter_merged
 from instructseg.llm.precision import cast_base_weights, inference_dtype
 from instructseg.model.outputs import ModelInputs
@@ -76,7 +79,9 @@ class Answer:
     llm_calls: int  # LLM passes so far (generation + teacher-forced); per-frame decoding adds to it
     key_features: dict[int, FrameFeatures] = field(default_factory=dict)  # decoder features of the key frames
     track_weights: torch.Tensor | None = None  # (N, F + 1) the track prior's, for a video (track_choice)
-    scene: bool = False  # choose among every object of the scene first (scene_choice)
+    # choose among every object of the scene first (scene_choice), of the colours and shapes the instruction names
+    # or implies; None: no scene choice
+    scene: SceneWords | None = None
 
 
 class InstructSegPredictor:
@@ -179,17 +184,24 @@ class InstructSegPredictor:
             prompts[t] = self._refine(frames, prompts, t, refinement, gen.num_objects)
         return Answer(text=gen.text, raw_text=gen.raw_text, num_objects=gen.num_objects, key_prompts=prompts,
                       llm_calls=1, key_features=features, track_weights=weights,
-                      scene=weights is not None and gen.num_objects == 1 and self.model.config.decoder.kind == "sam2"
-                      and not self._names_objects(instruction))
+                      scene=self._scene_words(instruction, gen.states) if weights is not None
+                      and gen.num_objects == 1 and self.model.config.decoder.kind == "sam2" else None)
 
-    def _names_objects(self, instruction: str) -> bool:
-        """Whether the instruction names a colour or shape of the model's vocabularies (a model without them: yes,
-        as far as the scene choice knows)."""
+    def _scene_words(self, instruction: str, states) -> SceneWords | None:
+        """The words of the model's vocabularies that the instruction names, per vocabulary, or where it names none
+        of a vocabulary those its implied words read (`instructseg.model.implied_words`). For the scene choice; None
+        where it cannot choose: a model without vocabularies, or one without region words to read the words with."""
         from instructseg.model.track_prior import named_words
 
-        config = self.model.config
-        vocabulary = list(config.attribute_names or []) + list(config.category_names or [])
-        return not vocabulary or bool(named_words(instruction, vocabulary))
+        vocabularies = self.model.config.word_vocabularies
+        if not vocabularies:
+            return None
+        named = {kind: words for kind, words in ((k, named_words(instruction, v)) for k, v in vocabularies.items())
+                 if words}
+        implied = {kind: words for kind, words in self.model.implied(states).items() if kind not in named}
+        if (named or implied) and self.model.region_words is None:
+            return None
+        return SceneWords({**named, **implied}, implied=bool(implied))
 
     def _inputs(self, frames: FrameSource, t: int, instruction: str, answer: str | None,
                 history: list[tuple[str, str]]) -> ModelInputs:
@@ -225,7 +237,8 @@ class InstructSegPredictor:
                     from instructseg.decoders.sam2 import Redetect
 
                     kwargs["redetect"] = Redetect()
-                outputs = self._scene(frames, answer, kwargs["cached"]) if answer.scene else None
+                scene = answer.scene is not None and answer.track_weights is not None
+                outputs = self._scene(frames, answer, kwargs["cached"]) if scene else None
                 if outputs is None:
                     outputs = self.model.decoder.propagate(frame_at, len(frames), answer.key_prompts, **kwargs)
                     if answer.track_weights is not None and self.model.config.decoder.kind == "sam2":
@@ -249,10 +262,8 @@ class InstructSegPredictor:
             yield t, DecoderOutput(mask_logits=choice.apply(t, out.mask_logits), score_logits=out.score_logits)
 
     def _scene(self, frames: FrameSource, answer: Answer, cached: dict) -> Iterator[tuple[int, DecoderOutput]] | None:
-        """The outputs of the scene choice (`instructseg.inference.scene_choice`), or None where it keeps every
-        object. Frames it encodes go into `cached`, as for the track choice."""
-        from instructseg.inference.scene_choice import choose_scene
-
+        """The outputs of the scene choice (`instructseg.inference.scene_choice`), or None where it leaves the
+        video to the usual path. Frames it encodes go into `cached`, as for the track choice."""
         scale = min(1.0, self.size / max(frames.height, frames.width))
         size = (max(1, round(frames.height * scale)), max(1, round(frames.width * scale)))
 
@@ -265,7 +276,8 @@ class InstructSegPredictor:
             return frame.astype(np.float32) / 255.0
 
         choice = choose_scene(self.model.decoder, lambda t: self._tensor(frames, t)[None], image_at, len(frames),
-                              answer.key_prompts, answer.key_features, answer.track_weights[0], keep=cached)
+                              answer.key_prompts, answer.key_features, answer.track_weights[0], keep=cached,
+                              named=answer.scene, region_words=self.model.region_words)
         return None if choice is None else choice.outputs(size)
 
     def _per_frame(self, frames: FrameSource, answer: Answer, instruction: str,

@@ -30,7 +30,8 @@ from instructseg.llm.precision import check_saveable
 
 WEIGHTS = "model.safetensors"
 # heads that start untrained (priors at 0) when a saved model lacks them
-_NEW_HEADS = ("category_heads.", "cell_words.", "region_words.", "position_prior.", "part_prior.", "track_prior.")
+_NEW_HEADS = ("category_heads.", "cell_words.", "region_words.", "implied_words.", "position_prior.", "part_prior.",
+              "track_prior.")
 # weights of modules that no longer exist, skipped on load: the first position prior, which read the object
 # embedding (docs/default_model.md, "A position prior"); a model saved with it loads without it
 _RETIRED = ("decoder.position_prior.",)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from instructseg.model.checkpoint import load_model
 
 COMPONENTS = ("vision", "projector", "perceiver", "mask_queries", "llm", "object_proj", "fusion", "object_norm",
-              "text_norm", "decoder", "category_heads", "cell_words", "region_words", "position_prior",
+              "text_norm", "decoder", "category_heads", "cell_words", "region_words", "implied_words", "position_prior",
               "part_prior", "track_prior")
 
 

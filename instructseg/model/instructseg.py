@@ -28,6 +28,7 @@ from instructseg.model.part_prior import PartPrior
 from instructseg.model.perceiver import ObjectAwarePerceiver
 from instructseg.model.prompt_norm import PromptNorm
 from instructseg.model.position_prior import PositionPrior
+from instructseg.model.implied_words import ImpliedWords
 from instructseg.model.region_words import RegionWords
 from instructseg.model.track_prior import TrackPrior
 from instructseg.model.state_norm import StateNorm
@@ -101,6 +102,9 @@ class InstructSegModel(nn.Module):
         if config.region_words and not vocabularies:
             raise InputError("region_words=true needs the words to read: set attribute_names and/or category_names")
         self.region_words = RegionWords(vocabularies) if config.region_words else None
+        if config.implied_words and not vocabularies:
+            raise InputError("implied_words=true needs the words to imply: set attribute_names and/or category_names")
+        self.implied_words = ImpliedWords(vocabularies, width=hidden) if config.implied_words else None
         self.word_ids = {kind: [self.tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in words]
                          for kind, words in (self.cell_words.vocabularies.items() if self.cell_words else ())}
         if load_pretrained:
@@ -304,6 +308,13 @@ class InstructSegModel(nn.Module):
         words = self.instruction_words(states.input_ids, states.instruction_mask)[:, None].expand(1, k, -1)
         return self.track_prior(words, torch.ones(1, k, dtype=torch.bool, device=words.device))[0]
 
+    def implied(self, states: SequenceStates) -> dict[str, set[str]]:
+        """The words the implied-words head reads in the instruction of `states` (B = 1), {vocabulary: {word}}; {}
+        without the head."""
+        if self.implied_words is None:
+            return {}
+        return self.implied_words.implied(self.instruction_words(states.input_ids, states.instruction_mask)[0])
+
     def condition(self, inputs: ModelInputs, features: FrameFeatures) -> Prompts:
         """Decoder prompts for one prompt whose answer is already in `input_ids` (B = 1), on its own key frame."""
         return self.prompts_for(self.states(inputs, features=features), features)
@@ -330,7 +341,8 @@ def _initial_sources(config: ModelConfig, load_pretrained: bool) -> dict[str, st
     decoder = f"pretrained ({config.decoder.checkpoint})" if config.decoder.checkpoint else "random init"
     sources = {"llm": llm, "lora": "new (no adapter loaded)", "vision": vision, "decoder": decoder}
     for part in ("projector", "perceiver", "mask_queries", "object_proj", "fusion", "object_norm", "text_norm",
-                 "category_heads", "cell_words", "region_words", "position_prior", "part_prior", "track_prior"):
+                 "category_heads", "cell_words", "region_words", "implied_words", "position_prior", "part_prior",
+                 "track_prior"):
         sources[part] = "random init"
     sources["state_norm"] = "calibrated on the base LLM" if load_pretrained else "not calibrated"
     return sources

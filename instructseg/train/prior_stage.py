@@ -313,6 +313,7 @@ def fit_parts(model, cache: PriorCache, stage, *, seed: int, log_path: Path | No
 
 _PART_PREFIX = "part_prior."  # prior.safetensors: the position prior's tensors unprefixed, the part prior's so
 _TRACK_PREFIX = "track_prior."  # and the track prior's so
+_IMPLIED_PREFIX = "implied_words."  # and the implied words'
 
 
 def _result_state(model) -> dict[str, torch.Tensor]:
@@ -323,6 +324,8 @@ def _result_state(model) -> dict[str, torch.Tensor]:
         state.update({_PART_PREFIX + k: v for k, v in model.part_prior.state_dict().items()})
     if model.track_prior is not None:
         state.update({_TRACK_PREFIX + k: v for k, v in model.track_prior.state_dict().items()})
+    if model.implied_words is not None:
+        state.update({_IMPLIED_PREFIX + k: v for k, v in model.implied_words.state_dict().items()})
     return state
 
 

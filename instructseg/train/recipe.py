@@ -101,7 +101,7 @@ class EncoderStage:
     train: list[str] = field(default_factory=list)
 
 
-PRIOR_FITS = ("position", "parts", "tracks")
+PRIOR_FITS = ("position", "parts", "tracks", "words")
 
 
 @dataclass
@@ -122,8 +122,9 @@ class PriorStage:
     # overrides, data, samples, seed and jump required; a model changed on disk under the same path is not noticed)
     cache_from: str | None = None
     # the priors the stage fits, in this order: "position", "parts" (the parts of the masks with the position prior
-    # applied), "tracks" (every expression of data's revos sources; no collection when it is the only one); a prior
-    # not listed keeps the weights the model was loaded with
+    # applied), "tracks" (every expression of data's revos sources; no collection when it is the only one), "words"
+    # (the implied words, from the answers of data's revos sources; no collection either); a prior not listed keeps
+    # the weights the model was loaded with
     fit: list[str] = field(default_factory=lambda: ["position"])
 
 

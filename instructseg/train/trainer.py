@@ -171,7 +171,7 @@ class Trainer:
         if recipe.prior.samples > 0:
             self._prior_stage(model)
         _freeze(model, recipe.train.freeze)
-        for head in (model.track_prior, model.region_words):  # never in the joint loss (only their stages train
+        for head in (model.track_prior, model.region_words, model.implied_words):  # never in the joint loss (only their stages train
             if head is not None:  # them): kept as they are, not worn down by weight decay on gradients never got
                 head.requires_grad_(False)
         self.model = model
@@ -230,19 +230,22 @@ class Trainer:
         import torch.distributed as dist
 
         from instructseg.train.prior_stage import RESULT, fit, fit_parts, load_result, save_result
+        from instructseg.train.implied_fit import fit_implied
         from instructseg.train.track_fit import fit_tracks
 
         if ckpt.latest_complete(self.root) is not None:
             load_result(model, self.out / RESULT)
             return
         stage = self.recipe.prior
-        heads = {"position": (model.position_prior, "position_prior=G"), "parts": (model.part_prior, "part_prior=true"),
-                 "tracks": (model.track_prior, "track_prior=true")}
+        heads = {"position": (model.position_prior, "the position prior", "decoder.position_prior=G"),
+                 "parts": (model.part_prior, "the part prior", "decoder.part_prior=true"),
+                 "tracks": (model.track_prior, "the track prior", "decoder.track_prior=true"),
+                 "words": (model.implied_words, "the implied words", "implied_words=true")}
         for name in stage.fit:
-            head, override = heads[name]
+            head, what, override = heads[name]
             if head is None:
-                raise InputError(f"prior.fit lists {name}, but the model has no {name} prior; add "
-                                 f"decoder.{override} to model_overrides")
+                raise InputError(f"prior.fit lists {name}, but the model has no {what[4:]}; add {override} to "
+                                 "model_overrides")
         model.to(self.device)
         report = ["prior stage:"]
         trend = lambda losses: f"{losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}"  # noqa: E731
@@ -258,10 +261,13 @@ class Trainer:
                 report.append(f"{count} with parts, part loss {trend(losses)}" if losses
                               else "no object with parts: the part prior is left as it is")
         else:
-            log = self._stage_log("prior.jsonl", "prior stage: the track prior")
+            log = self._stage_log("prior.jsonl", "prior stage: " + " and ".join(heads[name][1] for name in stage.fit))
         if "tracks" in stage.fit:
             count, losses = fit_tracks(model, stage, seed=seed, log_path=log)
             report.append(f"{count} video expressions with candidates, track loss {trend(losses)}")
+        if "words" in stage.fit:
+            count, losses = fit_implied(model, stage, seed=seed, log_path=log)
+            report.append(f"{count} video expressions whose answers name a word, implied-words loss {trend(losses)}")
         if self.rank == 0:
             save_result(model, self.out / RESULT)
             print(report[0], ", ".join(report[1:]), flush=True)
