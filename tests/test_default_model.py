@@ -191,7 +191,8 @@ def test_default_takes_every_object_the_words_imply(default, tmp_path):
     apart, and an implied word means every object that has it: the mask covers both circles and not the square
     (measured: IoU 0.5 with each circle, 0.97 with the red one alone without the choice), and the answer names
     both. "the shape that looks like the face of a die" gets the square (0.85; 0.0 without the choice, whose mask
-    lies on the red circle)."""
+    lies on the red circle). "the shapes with no corners" gets three objects from the LLM; the two circles are
+    shared out among them."""
     import dataclasses
 
     source, drawn = _drawn_video(tmp_path, [("circle", "red", 30, 30, 0.12), ("square", "blue", 96, 40, 0.12),
@@ -207,6 +208,13 @@ def test_default_takes_every_object_the_words_imply(default, tmp_path):
     assert iou(union(dataclasses.replace(answer, scene=None)), circles) < 0.6
     result = default.segment(source, "Which shape has no corners?")
     assert "red circle" in result.text and "green circle" in result.text, result.text
+    # an answer with several objects ("the shapes ...": three [SEG]s here) takes the choice too; each circle goes to
+    # one object (no pixel is in two)
+    answer = default.answer(source, "the shapes with no corners")
+    assert answer.num_objects > 1 and answer.scene.implied
+    frames = sorted(default.frames(source, answer), key=lambda f: f.index)
+    masks = np.stack([f.masks for f in frames])  # (T, K, H, W)
+    assert iou(masks.any(1), circles) > 0.8 and (masks.sum(1) <= 1).all()
     answer = default.answer(source, "the shape that looks like the face of a die")
     assert answer.scene.words == {"category": {"square"}} and answer.scene.implied
     assert iou(union(answer), drawn.visible[1]) > 0.7 and iou(union(answer), circles) < 0.05

@@ -9,10 +9,10 @@ Modes for video:
   (`llm_dtype="auto"`). With a track prior (`instructseg.inference.track_choice`), the parts of an object's mask
   that the instruction does not mean by their tracks are cleared; finding them costs one more decoding of every
   frame without memory, before the first frame is out, when some object's first key-frame mask has parts. When
-  the answer has one object, every object of the scene (of the colour and shape the instruction names or implies,
-  if any) is a candidate first (`instructseg.inference.scene_choice`); where the track prior drops some, its best
-  region is the mask, and where it keeps them all, all of them (but the video is propagated as usual when the
-  instruction names and implies nothing).
+  the answer has one object, or the instruction implies a colour or shape, every object of the scene (of the
+  colour and shape the instruction names or implies, if any) is a candidate first
+  (`instructseg.inference.scene_choice`); where the track prior drops some, its best region is the mask, and where
+  it keeps them all and the words were implied, all of them; otherwise the video is propagated as usual.
 - `per-frame`: InstructSeg's protocol, the baseline: every frame goes through the LLM with its reference frames
   and is decoded on its own.
 Results stream frame by frame (`stream`), so a long video never holds all frames or all masks in memory.
@@ -184,13 +184,14 @@ class InstructSegPredictor:
             prompts[t] = self._refine(frames, prompts, t, refinement, gen.num_objects)
         return Answer(text=gen.text, raw_text=gen.raw_text, num_objects=gen.num_objects, key_prompts=prompts,
                       llm_calls=1, key_features=features, track_weights=weights,
-                      scene=self._scene_words(instruction, gen.states) if weights is not None
-                      and gen.num_objects == 1 and self.model.config.decoder.kind == "sam2" else None)
+                      scene=self._scene_words(instruction, gen.states, gen.num_objects) if weights is not None
+                      and self.model.config.decoder.kind == "sam2" else None)
 
-    def _scene_words(self, instruction: str, states) -> SceneWords | None:
+    def _scene_words(self, instruction: str, states, num_objects: int) -> SceneWords | None:
         """The words of the model's vocabularies that the instruction names, per vocabulary, or where it names none
         of a vocabulary those its implied words read (`instructseg.model.implied_words`). For the scene choice; None
-        where it cannot choose: a model without vocabularies, or one without region words to read the words with."""
+        where it cannot choose: a model without vocabularies, or one without region words to read the words with,
+        and an answer with several objects unless some words are implied."""
         from instructseg.model.track_prior import named_words
 
         vocabularies = self.model.config.word_vocabularies
@@ -199,7 +200,7 @@ class InstructSegPredictor:
         named = {kind: words for kind, words in ((k, named_words(instruction, v)) for k, v in vocabularies.items())
                  if words}
         implied = {kind: words for kind, words in self.model.implied(states).items() if kind not in named}
-        if (named or implied) and self.model.region_words is None:
+        if ((named or implied) and self.model.region_words is None) or (num_objects > 1 and not implied):
             return None
         return SceneWords({**named, **implied}, implied=bool(implied))
 
@@ -277,7 +278,8 @@ class InstructSegPredictor:
 
         choice = choose_scene(self.model.decoder, lambda t: self._tensor(frames, t)[None], image_at, len(frames),
                               answer.key_prompts, answer.key_features, answer.track_weights[0], keep=cached,
-                              named=answer.scene, region_words=self.model.region_words)
+                              named=answer.scene, region_words=self.model.region_words,
+                              num_objects=answer.num_objects)
         return None if choice is None else choice.outputs(size)
 
     def _per_frame(self, frames: FrameSource, answer: Answer, instruction: str,

@@ -14,11 +14,12 @@ The first key frame's regions are followed through the frames (`PartTracks`). Wh
 or shapes of the model's vocabularies, or implies them (`instructseg.model.implied_words`: "the shape with no
 corners" is a circle), only the regions that the region words (`instructseg.model.region_words`) read as those, on
 at least half of READ_FRAMES frames of their track, stay candidates. The candidates are scored by the track prior
-and chosen by `tracks.choose`. When the choice drops some, the answer's object (it has one) is the best region, and
-its mask on each frame is that region, whose outline is the frame's. When it keeps them all (words that say
-nothing of tracks), the mask is every candidate if some of the words were implied ("the shapes with no corners";
+and chosen by `tracks.choose`. When the choice drops some, an answer's one object is the best region (an answer
+with several objects gets those it keeps, each region going to the object whose decode is highest over it), and its
+mask on each frame is that region, whose outline is the frame's. When it keeps them all (words that say nothing of
+tracks), the mask is every candidate if some of the words were implied ("the shapes with no corners";
 `SceneWords`), and otherwise nothing changes and the video is propagated as usual; so it is too when no region is
-read as the words.
+read as the words. Answers with several objects take the choice only for implied words.
 """
 from __future__ import annotations
 
@@ -89,42 +90,48 @@ class SceneWords:
 
 @dataclass
 class SceneChoice:
-    """The chosen region on every frame (`masks[t]`: (h, w) bool at the image size) and the decode's presence
-    logit there (`scores[t]`)."""
+    """The chosen regions of each of the answer's K objects on every frame (`masks[t]`: (K, h, w) bool at the
+    image size) and the decode's presence logits there (`scores[t]`: (K,))."""
 
     masks: dict[int, np.ndarray]
-    scores: dict[int, float]
+    scores: dict[int, np.ndarray]
 
     def outputs(self, size: tuple[int, int]) -> Iterator[tuple[int, DecoderOutput]]:
-        """(t, output) for every frame in order, one object, its mask logits (1, 1, h, w) at +-4."""
+        """(t, output) for every frame in order: mask logits (1, K, h, w) at +-4."""
         for t in sorted(self.masks):
-            logits = torch.from_numpy(np.where(self.masks[t], 4.0, -4.0).astype(np.float32)).reshape(1, 1, *size)
-            yield t, DecoderOutput(mask_logits=logits, score_logits=torch.tensor([[self.scores[t]]]))
+            logits = torch.from_numpy(np.where(self.masks[t], 4.0, -4.0).astype(np.float32))[None]
+            yield t, DecoderOutput(mask_logits=logits.reshape(1, -1, *size),
+                                   score_logits=torch.from_numpy(self.scores[t].astype(np.float32))[None])
 
 
 def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Callable[[int], np.ndarray],
                  num_frames: int, key_prompts: dict[int, Prompts], key_features: dict[int, FrameFeatures],
                  weights: torch.Tensor, keep: dict | None = None, *, named: SceneWords | None = None,
-                 region_words=None) -> SceneChoice | None:
-    """The choice for the one object of `key_prompts` with the track prior's `weights` (TRACK_FEATURES + 1), among
-    the regions `region_words` reads as the `named` words (every region when there are none): the best candidate,
-    or every candidate when `tracks.choose` keeps them all and some of the words are implied. None when it keeps
-    them all otherwise, when no region is read as the words, or when there are fewer than two regions on the first
-    key frame and no words.
+                 region_words=None, num_objects: int = 1) -> SceneChoice | None:
+    """The choice for the `num_objects` objects of `key_prompts` with the track prior's `weights`
+    (TRACK_FEATURES + 1), among the regions `region_words` reads as the `named` words (every region when there are
+    none): for one object the best candidate, for several those `tracks.choose` keeps; every candidate when it
+    keeps them all and some of the words are implied. None when it keeps them all otherwise, when no region is read
+    as the words, or when there are fewer than two regions on the first key frame and no words. With several
+    objects, each chosen region goes to the object whose first-key-frame decode is highest over it.
     Frames are decoded without memory (`track_choice.decode_alone`), the first key frame first and then the others
-    in order; `image_at(t)` gives frame t as (h, w, 3) float in [0, 1], the size the regions are cut at. Encoded
-    features go into `keep` as in `track_choice.choose_tracks`."""
+    in order; the regions are cut from the highest of the objects' decodes. `image_at(t)` gives frame t as (h, w, 3)
+    float in [0, 1], the size the regions are cut at. Encoded features go into `keep` as in
+    `track_choice.choose_tracks`."""
     first = min(key_prompts)
-    scores: dict[int, float] = {}
+    scores: dict[int, np.ndarray] = {}
     words = named.words if named is not None else {}
+    key_logits = []
 
     def regions(t: int) -> list[np.ndarray]:
-        out = decode_alone(decoder, frame_at, t, key_prompts, key_features, slice(0, 1), keep)
-        scores[t] = float(out.score_logits[0, 0])
+        out = decode_alone(decoder, frame_at, t, key_prompts, key_features, slice(0, num_objects), keep)
+        scores[t] = out.score_logits[0].float().cpu().numpy()
         image = image_at(t)
-        logits = F.interpolate(out.mask_logits[:, :1].float(), size=image.shape[:2], mode="bilinear",
-                               align_corners=False)[0, 0].cpu().numpy()
-        return colour_regions(logits, image)
+        logits = F.interpolate(out.mask_logits[:, :num_objects].float(), size=image.shape[:2], mode="bilinear",
+                               align_corners=False)[0].cpu().numpy()
+        if t == first:
+            key_logits.append(logits)
+        return colour_regions(logits.max(0), image)
 
     found = regions(first)
     if len(found) < (1 if words else 2):
@@ -151,19 +158,21 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
         summaries = np.stack([track_summary(tracks.areas[p], tracks.centres[p]) for p in candidates])
         w = weights.float().cpu().numpy()
         score = track_features(summaries) @ w[:-1] + w[-1]
-        if not choose(score).all():
-            # the answer has one object: its best region (emulated: +2.0 / +2.0 J&F over keeping every region
-            # `choose` keeps, on ShapesIVS valid referring / reasoning)
-            chosen = candidates[[int(np.argmax(score))]]
+        kept = choose(score)
+        if not kept.all():
+            # one object: its best region (emulated: +2.0 / +2.0 J&F over keeping every region `choose` keeps, on
+            # ShapesIVS valid referring / reasoning)
+            chosen = candidates[[int(np.argmax(score))]] if num_objects == 1 else candidates[kept]
         elif not named.implied:
             return None
+    owner = {int(p): int(np.argmax(key_logits[0][:, found[p]].mean(1))) for p in chosen}
     masks = {}
     for t in range(num_frames):
-        mask = np.zeros(shape, bool)
-        for p in chosen:
-            packed = tracks.masks.get(t, {}).get(int(p))
+        mask = np.zeros((num_objects, *shape), bool)
+        for p, k in owner.items():
+            packed = tracks.masks.get(t, {}).get(p)
             if packed is not None:
-                mask |= unpack(packed)
+                mask[k] |= unpack(packed)
         masks[t] = mask
     return SceneChoice(masks, scores)
 
