@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from instructseg.errors import InputError
 from instructseg.model.track_prior import named_words
 from instructseg.train.rows import Rows
-from instructseg.train.track_fit import instruction_words
+from instructseg.train.track_fit import fit_on_expressions, instruction_words
 
 UNLABELLED = -100
 
@@ -80,15 +80,6 @@ def implied_accuracy(head, rows: ImpliedRows) -> float:
 def fit_implied(model, stage, *, seed: int, log_path: Path | None = None) -> tuple[int, list[float]]:
     """Fit the model's implied words on every expression of `stage.data`'s revos sources (its statistics set to
     their words first); (rows, losses)."""
-    from instructseg.data.formats.revos import read_revos
-    from instructseg.train.prior_stage import fit_head
-
-    expressions = [e for source in stage.data if source.kind == "revos"
-                   for e in read_revos(Path(source.root), source.split)]
-    if not expressions:
-        raise InputError("prior.fit lists words, but prior.data has no revos source (video expressions with "
-                         "answers)")
-    rows = implied_rows(model, expressions).to(model.device)
-    model.implied_words.set_statistics(rows.words)
-    return len(rows), fit_head(model.implied_words, rows, implied_loss, stage, seed=seed, log_path=log_path,
-                               name="words")
+    return fit_on_expressions(model.implied_words, stage, lambda expressions: implied_rows(model, expressions),
+                              implied_loss, seed=seed, log_path=log_path, name="words", device=model.device,
+                              needs="video expressions with answers")

@@ -119,15 +119,23 @@ def exact_choices(prior, rows: TrackRows) -> float:
 def fit_tracks(model, stage, *, seed: int, log_path: Path | None = None) -> tuple[int, list[float]]:
     """Fit the model's track prior on every expression of `stage.data`'s revos sources (its statistics set to
     their words first); (rows, losses)."""
+    return fit_on_expressions(model.track_prior, stage, lambda expressions: track_rows(model, expressions),
+                              track_loss, seed=seed, log_path=log_path, name="tracks", device=model.device,
+                              needs="video expressions with per-object masks")
+
+
+def fit_on_expressions(head, stage, rows_of, loss, *, seed: int, log_path: Path | None, name: str, device,
+                       needs: str) -> tuple[int, list[float]]:
+    """Fit a word head (`head`, a WordLinear) on `rows_of(expressions)` of every expression of `stage.data`'s revos
+    sources, on `device`, its statistics set to their words first (`prior.fit` entry `name`; `needs`: what the
+    sources must hold, for the error). (rows, losses)."""
     from instructseg.data.formats.revos import read_revos
     from instructseg.train.prior_stage import fit_head
 
     expressions = [e for source in stage.data if source.kind == "revos"
                    for e in read_revos(Path(source.root), source.split)]
     if not expressions:
-        raise InputError("prior.fit lists tracks, but prior.data has no revos source (video expressions with "
-                         "per-object masks)")
-    rows = track_rows(model, expressions).to(model.device)
-    model.track_prior.set_statistics(rows.words)
-    return len(rows), fit_head(model.track_prior, rows, track_loss, stage, seed=seed, log_path=log_path,
-                               name="tracks")
+        raise InputError(f"prior.fit lists {name}, but prior.data has no revos source ({needs})")
+    rows = rows_of(expressions).to(device)
+    head.set_statistics(rows.words)
+    return len(rows), fit_head(head, rows, loss, stage, seed=seed, log_path=log_path, name=name)
