@@ -23,12 +23,12 @@ from instructseg.llm.lora import apply_lora
 from instructseg.model.category_heads import CategoryHeads
 from instructseg.model.cell_words import CellWords
 from instructseg.model.fusion import TextFusion
+from instructseg.model.implied_words import ImpliedWords
 from instructseg.model.outputs import Generation, InstructSegOutput, ModelInputs, SequenceStates
 from instructseg.model.part_prior import PartPrior
 from instructseg.model.perceiver import ObjectAwarePerceiver
 from instructseg.model.prompt_norm import PromptNorm
 from instructseg.model.position_prior import PositionPrior
-from instructseg.model.implied_words import ImpliedWords
 from instructseg.model.region_words import RegionWords
 from instructseg.model.track_prior import TrackPrior
 from instructseg.model.state_norm import StateNorm

@@ -171,8 +171,10 @@ class Trainer:
         if recipe.prior.samples > 0:
             self._prior_stage(model)
         _freeze(model, recipe.train.freeze)
-        for head in (model.track_prior, model.region_words, model.implied_words):  # never in the joint loss (only their stages train
-            if head is not None:  # them): kept as they are, not worn down by weight decay on gradients never got
+        # never in the joint loss (only their stages train them): kept as they are, not worn down by weight decay on
+        # gradients never got
+        for head in (model.track_prior, model.region_words, model.implied_words):
+            if head is not None:
                 head.requires_grad_(False)
         self.model = model
         self.cuda = self.device.type == "cuda"
@@ -229,8 +231,8 @@ class Trainer:
         """Run the stage on a fresh run; on a resumed one, load its result (every rank computes the same fit)."""
         import torch.distributed as dist
 
-        from instructseg.train.prior_stage import RESULT, fit, fit_parts, load_result, save_result
         from instructseg.train.implied_fit import fit_implied
+        from instructseg.train.prior_stage import RESULT, fit, fit_parts, load_result, save_result
         from instructseg.train.track_fit import fit_tracks
 
         if ckpt.latest_complete(self.root) is not None:
