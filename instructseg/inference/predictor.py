@@ -37,13 +37,13 @@ from instructseg.errors import InputError
 from instructseg.inference.io import FrameSource, open_source
 from instructseg.inference.naming import ObjectNaming
 from instructseg.inference.results import Masklet, ResultWriter, SegmentationResult, encode_mask
-from instructseg.inference.scene_choice import SceneWords, choose_scene
 from instructseg.llm.lora import adapter_merged
 from instructseg.llm.precision import cast_base_weights, inference_dtype
 from instructseg.model.outputs import ModelInputs
 from instructseg.model.tokens import pad_prompts
 
 if TYPE_CHECKING:
+    from instructseg.inference.scene_choice import SceneWords
     from instructseg.inference.session import ChatSession
 
 MODES = ("propagate", "per-frame")
@@ -192,6 +192,7 @@ class InstructSegPredictor:
         of a vocabulary those its implied words read (`instructseg.model.implied_words`). For the scene choice; None
         where it cannot choose: a model without vocabularies, or one without region words to read the words with,
         and an answer with several objects unless some words are implied."""
+        from instructseg.inference.scene_choice import SceneWords
         from instructseg.model.track_prior import named_words
 
         vocabularies = self.model.config.word_vocabularies
@@ -238,8 +239,7 @@ class InstructSegPredictor:
                     from instructseg.decoders.sam2 import Redetect
 
                     kwargs["redetect"] = Redetect()
-                scene = answer.scene is not None and answer.track_weights is not None
-                outputs = self._scene(frames, answer, kwargs["cached"]) if scene else None
+                outputs = self._scene(frames, answer, kwargs["cached"]) if answer.scene is not None else None
                 if outputs is None:
                     outputs = self.model.decoder.propagate(frame_at, len(frames), answer.key_prompts, **kwargs)
                     if answer.track_weights is not None and self.model.config.decoder.kind == "sam2":
@@ -265,6 +265,8 @@ class InstructSegPredictor:
     def _scene(self, frames: FrameSource, answer: Answer, cached: dict) -> Iterator[tuple[int, DecoderOutput]] | None:
         """The outputs of the scene choice (`instructseg.inference.scene_choice`), or None where it leaves the
         video to the usual path. Frames it encodes go into `cached`, as for the track choice."""
+        from instructseg.inference.scene_choice import choose_scene
+
         scale = min(1.0, self.size / max(frames.height, frames.width))
         size = (max(1, round(frames.height * scale)), max(1, round(frames.width * scale)))
 

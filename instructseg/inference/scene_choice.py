@@ -121,19 +121,21 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
     first = min(key_prompts)
     scores: dict[int, np.ndarray] = {}
     words = named.words if named is not None else {}
-    key_logits = []
 
-    def regions(t: int) -> list[np.ndarray]:
+    def decoded(t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frame t's objects' decodes (K, h, w) at the image's size, and the image (h, w, 3)."""
         out = decode_alone(decoder, frame_at, t, key_prompts, key_features, slice(0, num_objects), keep)
         scores[t] = out.score_logits[0].float().cpu().numpy()
         image = image_at(t)
-        logits = F.interpolate(out.mask_logits[:, :num_objects].float(), size=image.shape[:2], mode="bilinear",
-                               align_corners=False)[0].cpu().numpy()
-        if t == first:
-            key_logits.append(logits)
+        return F.interpolate(out.mask_logits[:, :num_objects].float(), size=image.shape[:2], mode="bilinear",
+                             align_corners=False)[0].cpu().numpy(), image
+
+    def regions(t: int) -> list[np.ndarray]:
+        logits, image = decoded(t)
         return colour_regions(logits.max(0), image)
 
-    found = regions(first)
+    key_logits, key_image = decoded(first)
+    found = colour_regions(key_logits.max(0), key_image)
     if len(found) < (1 if words else 2):
         return None
     shape = found[0].shape
@@ -165,7 +167,7 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
             chosen = candidates[[int(np.argmax(score))]] if num_objects == 1 else candidates[kept]
         elif not named.implied:
             return None
-    owner = {int(p): int(np.argmax(key_logits[0][:, found[p]].mean(1))) for p in chosen}
+    owner = {int(p): int(np.argmax(key_logits[:, found[p]].mean(1))) for p in chosen}
     masks = {}
     for t in range(num_frames):
         mask = np.zeros((num_objects, *shape), bool)

@@ -41,9 +41,8 @@ class ImpliedWords(WordLinear):
     def implied(self, words: torch.Tensor) -> dict[str, set[str]]:
         """{vocabulary: {word}} for the vocabularies where one word of the instruction words (H,) has at least
         IMPLIED_P probability."""
-        logits = self(words[None, None], torch.ones(1, 1, dtype=torch.bool, device=words.device))[0, 0].float()
         out = {}
-        for kind, part in self.split(logits).items():
+        for kind, part in self.split(self.each(words[None])[0].float()).items():
             p = part.softmax(-1)
             if float(p.max()) >= IMPLIED_P:
                 out[kind] = {self.vocabularies[kind][int(p.argmax())]}

@@ -305,8 +305,7 @@ class InstructSegModel(nn.Module):
         if self.track_prior is None:
             return None
         k = int((states.input_ids == self.token_ids[SEG]).sum())
-        words = self.instruction_words(states.input_ids, states.instruction_mask)[:, None].expand(1, k, -1)
-        return self.track_prior(words, torch.ones(1, k, dtype=torch.bool, device=words.device))[0]
+        return self.track_prior.each(self.instruction_words(states.input_ids, states.instruction_mask).expand(k, -1))
 
     def implied(self, states: SequenceStates) -> dict[str, set[str]]:
         """The words the implied-words head reads in the instruction of `states` (B = 1), {vocabulary: {word}}; {}

@@ -51,6 +51,10 @@ class WordLinear(nn.Module):
         out = self.linear(self.hidden(((x - self.mean) / std).to(self.linear.weight.dtype)))
         return out.new_zeros(b, n, out.shape[-1]).masked_scatter(valid[..., None], out)
 
+    def each(self, words: torch.Tensor) -> torch.Tensor:
+        """The head on M inputs (M, H), one per row: (M, out)."""
+        return self(words[:, None], torch.ones(words.shape[0], 1, dtype=torch.bool, device=words.device))[:, 0]
+
     @torch.no_grad()
     def set_statistics(self, states: torch.Tensor) -> None:
         """Set the running mean and variance to those of `states` (M, H), as if they were the first batch."""

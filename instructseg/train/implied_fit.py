@@ -53,9 +53,8 @@ def implied_rows(model, expressions) -> ImpliedRows:
 
 def implied_loss(head, rows: ImpliedRows) -> torch.Tensor:
     """Cross-entropy of each labelled vocabulary's softmax, averaged over the vocabularies."""
-    logits = head(rows.words[:, None], torch.ones(len(rows), 1, dtype=torch.bool, device=rows.words.device))[:, 0]
     losses = []
-    for v, part in enumerate(head.split(logits.float()).values()):
+    for v, part in enumerate(head.split(head.each(rows.words).float()).values()):
         labels = rows.labels[:, v]
         if bool((labels != UNLABELLED).any()):
             losses.append(F.cross_entropy(part, labels, ignore_index=UNLABELLED))
@@ -67,9 +66,9 @@ def implied_accuracy(head, rows: ImpliedRows) -> float:
     from instructseg.model.implied_words import IMPLIED_P
 
     with torch.no_grad():
-        logits = head(rows.words[:, None], torch.ones(len(rows), 1, dtype=torch.bool, device=rows.words.device))
+        logits = head.each(rows.words)
     right, total = 0, 0
-    for v, part in enumerate(head.split(logits[:, 0].float()).values()):
+    for v, part in enumerate(head.split(logits.float()).values()):
         p, pick = part.softmax(-1).max(-1)
         labelled = rows.labels[:, v] != UNLABELLED
         right += int(((pick == rows.labels[:, v]) & (p >= IMPLIED_P) & labelled).sum())

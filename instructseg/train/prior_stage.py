@@ -185,16 +185,11 @@ def collect(model, sources, count: int, *, seed: int, device: torch.device, jump
     return PriorCache(**{name: torch.stack(values) for name, values in parts.items()})
 
 
-def _words(prior, words: torch.Tensor) -> torch.Tensor:
-    """`prior` (a WordLinear head) on cached words (M, H), one object each: (M, ...)."""
-    return prior(words[:, None], torch.ones(words.shape[0], 1, dtype=torch.bool, device=words.device))[:, 0]
-
-
 def _with_position(prior, cache: PriorCache) -> tuple[torch.Tensor, torch.Tensor]:
     """(grounding map, mask logits) of the cached objects with the position prior `prior` (None: without one)."""
     grid = cache.cosine
     if prior is not None:
-        grid = grid + F.interpolate(_words(prior, cache.words)[:, None].float(), size=grid.shape[-2:],
+        grid = grid + F.interpolate(prior.each(cache.words)[:, None].float(), size=grid.shape[-2:],
                                     mode="bilinear", align_corners=False)[:, 0]
     masks = cache.masks + F.interpolate(grid[:, None], size=cache.masks.shape[-2:], mode="bilinear",
                                         align_corners=False)[:, 0]
@@ -295,7 +290,7 @@ def part_loss(prior, rows: PartRows, weights: LossWeights = LossWeights()) -> to
     """The joint training's mask loss on the objects' masks with their parts weighed by `prior` (a PartPrior)."""
     from instructseg.decoders.parts import part_offsets
 
-    masks = rows.masks + part_offsets(rows.labels, rows.features, _words(prior, rows.words).float())
+    masks = rows.masks + part_offsets(rows.labels, rows.features, prior.each(rows.words).float())
     return _mask_loss(masks, rows.targets, weights)
 
 

@@ -93,7 +93,7 @@ def track_rows(model, expressions) -> TrackRows:
 
 def scores(prior, words: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """(M, P) part scores under `prior` for words (M, H) and features (M, P, TRACK_FEATURES)."""
-    out = prior(words[:, None], torch.ones(words.shape[0], 1, dtype=torch.bool, device=words.device))[:, 0]
+    out = prior.each(words)
     return torch.einsum("mpf,mf->mp", features, out[:, :-1]) + out[:, -1:]
 
 

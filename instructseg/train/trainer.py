@@ -239,14 +239,14 @@ class Trainer:
             load_result(model, self.out / RESULT)
             return
         stage = self.recipe.prior
-        heads = {"position": (model.position_prior, "the position prior", "decoder.position_prior=G"),
-                 "parts": (model.part_prior, "the part prior", "decoder.part_prior=true"),
-                 "tracks": (model.track_prior, "the track prior", "decoder.track_prior=true"),
-                 "words": (model.implied_words, "the implied words", "implied_words=true")}
+        heads = {"position": (model.position_prior, "position prior", "decoder.position_prior=G"),
+                 "parts": (model.part_prior, "part prior", "decoder.part_prior=true"),
+                 "tracks": (model.track_prior, "track prior", "decoder.track_prior=true"),
+                 "words": (model.implied_words, "implied words", "implied_words=true")}
         for name in stage.fit:
             head, what, override = heads[name]
             if head is None:
-                raise InputError(f"prior.fit lists {name}, but the model has no {what[4:]}; add {override} to "
+                raise InputError(f"prior.fit lists {name}, but the model has no {what}; add {override} to "
                                  "model_overrides")
         model.to(self.device)
         report = ["prior stage:"]
@@ -263,7 +263,8 @@ class Trainer:
                 report.append(f"{count} with parts, part loss {trend(losses)}" if losses
                               else "no object with parts: the part prior is left as it is")
         else:
-            log = self._stage_log("prior.jsonl", "prior stage: " + " and ".join(heads[name][1] for name in stage.fit))
+            log = self._stage_log("prior.jsonl", "prior stage: " + " and ".join(f"the {heads[name][1]}"
+                                                                                for name in stage.fit))
         if "tracks" in stage.fit:
             count, losses = fit_tracks(model, stage, seed=seed, log_path=log)
             report.append(f"{count} video expressions with candidates, track loss {trend(losses)}")
