@@ -56,8 +56,9 @@ class ObjectNaming:
         """The names read on most frames (the first read among ties); [] before any frame is read."""
         return list(self.votes.most_common(1)[0][0]) if self.votes else []
 
-    def ground(self, text: str) -> str:
-        return grounded_text(text, self.names(), self.region_words.vocabularies)
+    def ground(self, text: str, names: list[tuple[str, ...]] | None = None) -> str:
+        """`text` naming `names` (by default those read here)."""
+        return grounded_text(text, self.names() if names is None else names, self.region_words.vocabularies)
 
 
 def read_objects(region_words, frame: torch.Tensor, masks: np.ndarray) -> list[tuple[str, ...]]:

@@ -82,6 +82,8 @@ class Answer:
     # choose among every object of the scene first (scene_choice), of the colours and shapes the instruction names
     # or implies; None: no scene choice
     scene: SceneWords | None = None
+    # the objects' names as the scene choice read them along their tracks (for the text; None: read the masks)
+    names: list[tuple[str, ...]] | None = None
 
 
 class InstructSegPredictor:
@@ -155,7 +157,8 @@ class InstructSegPredictor:
             if progress is not None:
                 progress(done, len(frames))
         if naming is not None:
-            answer.text, answer.raw_text = naming.ground(answer.text), naming.ground(answer.raw_text)
+            names = answer.names if answer.names is not None else naming.names()
+            answer.text, answer.raw_text = naming.ground(answer.text, names), naming.ground(answer.raw_text, names)
             result.text = answer.text
         total = time.perf_counter() - start
         result.timing.update(total_s=round(total, 4), frames=len(frames), llm_calls=answer.llm_calls,
@@ -282,7 +285,10 @@ class InstructSegPredictor:
                               answer.key_prompts, answer.key_features, answer.track_weights[0], keep=cached,
                               named=answer.scene, region_words=self.model.region_words,
                               num_objects=answer.num_objects)
-        return None if choice is None else choice.outputs(size)
+        if choice is None:
+            return None
+        answer.names = choice.names
+        return choice.outputs(size)
 
     def _per_frame(self, frames: FrameSource, answer: Answer, instruction: str,
                    history: list[tuple[str, str]]) -> Iterator[tuple[int, DecoderOutput]]:

@@ -23,6 +23,7 @@ read as the words. Answers with several objects take the choice only for implied
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -41,6 +42,7 @@ COLOUR_EDGE = 0.235  # neighbouring pixels further apart than this (any channel,
 BAND = 2  # pixels around a region, outside the candidates, that tell its background colour
 MIN_AREA = 3.5e-4  # regions under this share of the frame are specks (6 pixels of a 128 x 128 frame)
 MIN_SHARE = 0.05  # ... and so are regions under this share of the largest
+NEW_OBJECT = 0.5  # a later key frame's region starts a track of its own when the tracks cover less of it than this
 READ_FRAMES = 8  # frames of a region's track that the region words read (emulated on ShapesIVS valid referring:
                  # +3.1 J&F from the first key frame alone, +5.0 from half of eight)
 
@@ -95,6 +97,7 @@ class SceneChoice:
 
     masks: dict[int, np.ndarray]
     scores: dict[int, np.ndarray]
+    names: list[tuple[str, ...]] | None = None  # the chosen regions' names, read along their tracks (with words)
 
     def outputs(self, size: tuple[int, int]) -> Iterator[tuple[int, DecoderOutput]]:
         """(t, output) for every frame in order: mask logits (1, K, h, w) at +-4."""
@@ -130,29 +133,37 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
         return F.interpolate(out.mask_logits[:, :num_objects].float(), size=image.shape[:2], mode="bilinear",
                              align_corners=False)[0].cpu().numpy(), image
 
+    key_logits: dict[int, np.ndarray] = {}  # the key frames' decodes, to tell which object a region is
+
     def regions(t: int) -> list[np.ndarray]:
         logits, image = decoded(t)
+        if t in key_prompts:
+            key_logits[t] = logits
         return colour_regions(logits.max(0), image)
 
-    key_logits, key_image = decoded(first)
-    found = colour_regions(key_logits.max(0), key_image)
-    if len(found) < (1 if words else 2):
+    found = regions(first)
+    if not found:
         return None
     shape = found[0].shape
     unpack = lambda packed: np.unpackbits(packed, count=found[0].size).reshape(shape).astype(bool)  # noqa: E731
     # every other frame in order (a video file reads on without seeking), its regions kept packed
     later = {t: [np.packbits(m) for m in regions(t)] for t in range(num_frames) if t != first}
-    labels = np.zeros(shape, np.int64)
-    for p, mask in enumerate(found):
-        labels[mask] = p + 1
-    tracks = PartTracks(labels, len(found), num_frames, keep_masks=True)
-    for frames in (range(first + 1, num_frames), range(first - 1, -1, -1)):
-        tracks.start(first)
-        for t in frames:
-            tracks.follow_regions(t, [unpack(packed) for packed in later[t]])
+    later[first] = [np.packbits(m) for m in found]
+    tracks, starts = _followed(first, found, later, num_frames, unpack), [(first, m) for m in found]
+    for k in sorted(key_prompts)[1:]:  # objects the first key frame does not show start on the next key frames
+        seen = np.zeros(shape, bool)
+        for packed in tracks.masks.get(k, {}).values():
+            seen |= unpack(packed)
+        new = [m for m in map(unpack, later[k]) if (m & seen).sum() < NEW_OBJECT * m.sum()]
+        if new:
+            tracks.extend(_followed(k, new, later, num_frames, unpack))
+            starts += [(k, m) for m in new]
+    if tracks.count < (1 if words else 2):
+        return None
     candidates = np.arange(tracks.count)
-    if words:
-        candidates = np.flatnonzero(_read_as(words, region_words, tracks, image_at, unpack))
+    reads = _track_reads(region_words, tracks, image_at, unpack) if words else None
+    if reads is not None:
+        candidates = np.flatnonzero([_read_as(words, track) for track in reads])
         if candidates.size == 0:
             return None
     chosen = candidates
@@ -167,7 +178,7 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
             chosen = candidates[[int(np.argmax(score))]] if num_objects == 1 else candidates[kept]
         elif not named.implied:
             return None
-    owner = {int(p): int(np.argmax(key_logits[:, found[p]].mean(1))) for p in chosen}
+    owner = {int(p): int(np.argmax(key_logits[starts[p][0]][:, starts[p][1]].mean(1))) for p in chosen}
     masks = {}
     for t in range(num_frames):
         mask = np.zeros((num_objects, *shape), bool)
@@ -176,21 +187,46 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
             if packed is not None:
                 mask[k] |= unpack(packed)
         masks[t] = mask
-    return SceneChoice(masks, scores)
+    names = [_most_read(reads[p], region_words.vocabularies) for p in owner] if reads is not None else None
+    return SceneChoice(masks, scores, names)
 
 
-def _read_as(named: dict[str, set[str]], region_words, tracks: PartTracks, image_at, unpack) -> np.ndarray:
-    """(P,) bool: which tracks the region words read as the `named` words on at least half of the (up to
-    READ_FRAMES, spread evenly) frames where the track is seen."""
+def _followed(t: int, regions: list[np.ndarray], later: dict[int, list[np.ndarray]], num_frames: int,
+              unpack) -> PartTracks:
+    """Frame t's `regions` followed forwards and backwards through the frames' regions (`later`, packed)."""
+    labels = np.zeros(regions[0].shape, np.int64)
+    for p, mask in enumerate(regions):
+        labels[mask] = p + 1
+    tracks = PartTracks(labels, len(regions), num_frames, keep_masks=True)
+    for frames in (range(t + 1, num_frames), range(t - 1, -1, -1)):
+        tracks.start(t)
+        for u in frames:
+            tracks.follow_regions(u, [unpack(packed) for packed in later[u]])
+    return tracks
+
+
+def _track_reads(region_words, tracks: PartTracks, image_at, unpack) -> list[list[dict[str, str]]]:
+    """Per track, the region words' reading ({vocabulary: word}) on each of up to READ_FRAMES frames where it is
+    seen, spread evenly."""
     frames_of = [sorted(t for t, parts in tracks.masks.items() if p in parts) for p in range(tracks.count)]
-    reads: dict[int, list[int]] = {}  # frame -> tracks read there
+    at: dict[int, list[int]] = {}  # frame -> tracks read there
     for p, seen in enumerate(frames_of):
         for i in uniform_key_frames(len(seen), READ_FRAMES) if seen else ():
-            reads.setdefault(seen[i], []).append(p)
-    hits, total = np.zeros(tracks.count), np.zeros(tracks.count)
-    for t, parts in sorted(reads.items()):
+            at.setdefault(seen[i], []).append(p)
+    reads: list[list[dict[str, str]]] = [[] for _ in range(tracks.count)]
+    for t, parts in sorted(at.items()):
         frame = torch.from_numpy(np.ascontiguousarray(image_at(t), dtype=np.float32)).permute(2, 0, 1)
         for p, words in zip(parts, region_words.read(frame, np.stack([unpack(tracks.masks[t][p]) for p in parts]))):
-            total[p] += 1
-            hits[p] += all(words[kind] in allowed for kind, allowed in named.items())
-    return (total > 0) & (2 * hits >= total)
+            reads[p].append(words)
+    return reads
+
+
+def _read_as(named: dict[str, set[str]], reads: list[dict[str, str]]) -> bool:
+    """Whether a track's `reads` are the `named` words on at least half of them."""
+    hits = sum(all(words[kind] in allowed for kind, allowed in named.items()) for words in reads)
+    return bool(reads) and 2 * hits >= len(reads)
+
+
+def _most_read(reads: list[dict[str, str]], vocabularies) -> tuple[str, ...]:
+    """A track's name: per vocabulary, the word its `reads` give most often (the first read among ties)."""
+    return tuple(Counter(words[kind] for words in reads).most_common(1)[0][0] for kind in vocabularies)

@@ -100,6 +100,21 @@ class PartTracks:
         self.last[missed] += self.step[missed]
         self._record(t, [p for p, _ in hits], [regions[r] for _, r in hits])
 
+    def extend(self, other: "PartTracks") -> None:
+        """Take `other`'s parts (the same frames and size; started on another frame) after these."""
+        n = self.count
+        self.count += other.count
+        self.areas = np.concatenate([self.areas, other.areas])
+        self.centres = np.concatenate([self.centres, other.centres])
+        self.key += other.key
+        for t in set(self.cover) | set(other.cover):
+            mine = self.cover.get(t, np.zeros((n, *next(iter(other.cover.values())).shape[1:]), bool))
+            theirs = other.cover.get(t, np.zeros((other.count, *mine.shape[1:]), bool))
+            self.cover[t] = np.concatenate([mine, theirs])
+        if self.masks is not None:
+            for t, parts in (other.masks or {}).items():
+                self.masks.setdefault(t, {}).update({n + p: packed for p, packed in parts.items()})
+
     def _record(self, t: int, parts: list[int], masks: list[np.ndarray]) -> None:
         h, w = self.key[0].shape
         cover = np.zeros((self.count, -(-h // CELL), -(-w // CELL)), bool)
