@@ -87,6 +87,35 @@ def test_parts_are_followed_by_where_they_head_not_by_look():
     assert tracks.cover[frames - 1][0].any() and not (tracks.cover[frames - 1][0] & tracks.cover[frames - 1][1]).any()
 
 
+def test_tracks_started_on_another_frame_join_after_the_first():
+    """A square seen from frame 0 and one that appears on frame 4: the second starts its own tracks there, followed
+    both ways, and `extend` puts it after the first (its areas zero before it appears, masks numbered after)."""
+    from instructseg.inference.track_choice import PartTracks
+
+    size, frames = 32, 8
+    still = np.zeros((size, size), bool)
+    still[2:8, 2:8] = True
+    late = np.zeros((size, size), bool)
+    late[20:26, 20:26] = True
+    regions = {t: [still] + ([late] if t >= 4 else []) for t in range(frames)}
+
+    def followed(t, starts):
+        tracks = PartTracks(sum((p + 1) * m for p, m in enumerate(starts)), len(starts), frames, keep_masks=True)
+        for order in (range(t + 1, frames), range(t - 1, -1, -1)):
+            tracks.start(t)
+            for u in order:
+                tracks.follow_regions(u, regions[u])
+        return tracks
+
+    tracks = followed(0, [still])
+    tracks.extend(followed(4, [late]))
+    assert tracks.count == 2 and tracks.areas.shape == (2, frames) and tracks.centres.shape == (2, frames, 2)
+    assert (tracks.areas[0] > 0).all() and (tracks.areas[1, :4] == 0).all() and (tracks.areas[1, 4:] > 0).all()
+    assert set(tracks.masks[2]) == {0} and set(tracks.masks[6]) == {0, 1}
+    assert np.array_equal(np.unpackbits(tracks.masks[6][1], count=size * size).reshape(size, size).astype(bool), late)
+    assert tracks.cover[6].shape[0] == 2 and tracks.cover[2].shape[0] == 2 and not tracks.cover[2][1].any()
+
+
 def _tiny_with_track_prior():
     from instructseg.config import preset
     from instructseg.model.instructseg import InstructSegModel

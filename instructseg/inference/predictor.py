@@ -17,7 +17,8 @@ Modes for video:
   and is decoded on its own.
 Results stream frame by frame (`stream`), so a long video never holds all frames or all masks in memory.
 With region words (`instructseg.model.region_words`), the answer's object names are then made those its masks show,
-read on up to 8 frames spread over the video (`instructseg.inference.naming`).
+read on up to 8 frames spread over the video (`instructseg.inference.naming`), or, where the scene choice chose
+by words, the names it read along the chosen regions' tracks.
 """
 from __future__ import annotations
 

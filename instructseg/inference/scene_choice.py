@@ -10,7 +10,9 @@ choice").
 
 So here the candidates are the objects of the scene. On every frame the instruction's memory-free decode, above the
 low FLOOR, covers most objects (each faintly); that region is cut into regions of one colour (`colour_regions`).
-The first key frame's regions are followed through the frames (`PartTracks`). When the instruction names colours
+The first key frame's regions are followed through the frames (`PartTracks`), and so are the regions of each
+later key frame that those tracks do not cover (an object that enters, or that was hidden or merged with another:
+on ShapesIVS valid, reasoning J&F +1.9 and 10 more answers right). When the instruction names colours
 or shapes of the model's vocabularies, or implies them (`instructseg.model.implied_words`: "the shape with no
 corners" is a circle), only the regions that the region words (`instructseg.model.region_words`) read as those, on
 at least half of READ_FRAMES frames of their track, stay candidates. The candidates are scored by the track prior
@@ -19,7 +21,8 @@ with several objects gets those it keeps, each region going to the object whose 
 mask on each frame is that region, whose outline is the frame's. When it keeps them all (words that say nothing of
 tracks), the mask is every candidate if some of the words were implied ("the shapes with no corners";
 `SceneWords`), and otherwise nothing changes and the video is propagated as usual; so it is too when no region is
-read as the words. Answers with several objects take the choice only for implied words.
+read as the words. Answers with several objects take the choice only for implied words. With words, the chosen
+regions' names are those read most often along their tracks (`SceneChoice.names`), for the answer's text.
 """
 from __future__ import annotations
 
@@ -115,8 +118,8 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
     (TRACK_FEATURES + 1), among the regions `region_words` reads as the `named` words (every region when there are
     none): for one object the best candidate, for several those `tracks.choose` keeps; every candidate when it
     keeps them all and some of the words are implied. None when it keeps them all otherwise, when no region is read
-    as the words, or when there are fewer than two regions on the first key frame and no words. With several
-    objects, each chosen region goes to the object whose first-key-frame decode is highest over it.
+    as the words, or when there are fewer than two tracks and no words. With several objects, each chosen region
+    goes to the object whose decode is highest over it on the key frame where its track starts.
     Frames are decoded without memory (`track_choice.decode_alone`), the first key frame first and then the others
     in order; the regions are cut from the highest of the objects' decodes. `image_at(t)` gives frame t as (h, w, 3)
     float in [0, 1], the size the regions are cut at. Encoded features go into `keep` as in
