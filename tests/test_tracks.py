@@ -185,3 +185,23 @@ def test_the_track_head_combines_words_that_a_linear_head_cannot():
     first = TrackPrior(width=width).hidden[0].weight
     torch.manual_seed(2)
     assert torch.equal(TrackPrior(width=width).hidden[0].weight, first)
+
+
+def test_parts_follow_only_regions_of_their_own_colour():
+    """A red region is hidden on frame 2 while a blue one shows up where it was heading: without colours the part
+    jumps onto the blue region, with them it waits and takes the red one again on frame 3."""
+    from instructseg.inference.track_choice import PartTracks
+
+    size, frames = 32, 4
+    def square(x):
+        m = np.zeros((size, size), bool)
+        m[10:16, x:x + 6] = True
+        return m
+    red, blue = np.array([0.86, 0.12, 0.12]), np.array([0.12, 0.27, 0.9])
+    shown = {1: ([square(6)], [red]), 2: ([square(10)], [blue]), 3: ([square(12)], [red])}
+    for colours, expected in ((None, [1, 1, 1]), (np.array([red]), [1, 0, 1])):
+        tracks = PartTracks(square(2).astype(np.int64), 1, frames, colours=colours, colour_gap=0.235)
+        tracks.start(0)
+        for t in range(1, frames):
+            tracks.follow_regions(t, shown[t][0], np.array(shown[t][1]))
+        assert [int(tracks.areas[0, t] > 0) for t in range(1, frames)] == expected, colours

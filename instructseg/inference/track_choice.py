@@ -67,8 +67,12 @@ class PartTracks:
     frame the mask's regions (connected, specks left out) are matched one to one with the parts by the distance
     from where each part was heading (its last centre plus its last step), within `GATE`."""
 
-    def __init__(self, labels: np.ndarray, count: int, num_frames: int, *, keep_masks: bool = False):
+    def __init__(self, labels: np.ndarray, count: int, num_frames: int, *, keep_masks: bool = False,
+                 colours: np.ndarray | None = None, colour_gap: float = 0.0):
         self.count = count
+        # with colours ((count, 3), in [0, 1]), a part follows only regions whose colour (given to follow_regions)
+        # is within colour_gap of its own on every channel
+        self.colours, self.colour_gap = colours, colour_gap
         self.areas = np.zeros((count, num_frames))
         self.centres = np.zeros((count, num_frames, 2))
         self.cover: dict[int, np.ndarray] = {}
@@ -85,8 +89,8 @@ class PartTracks:
         labels, _ = mask_parts(np.where(on, 1.0, -1.0), min_parts=1)
         self.follow_regions(t, [labels == r for r in range(1, int(labels.max()) + 1)])
 
-    def follow_regions(self, t: int, regions: list[np.ndarray]) -> None:
-        """Match frame t's `regions` (masks, the key frame's size) with the parts."""
+    def follow_regions(self, t: int, regions: list[np.ndarray], colours: np.ndarray | None = None) -> None:
+        """Match frame t's `regions` (masks, the key frame's size; their colours (R, 3)) with the parts."""
         if not regions:
             self.last += self.step
             return
@@ -94,6 +98,8 @@ class PartTracks:
         aim = self.last + self.step
         cost = np.linalg.norm(aim[:, None] - centres[None], axis=-1)
         cost = np.where(np.isnan(cost), 1e3, cost)
+        if self.colours is not None and colours is not None:
+            cost = np.where(np.abs(self.colours[:, None] - colours[None]).max(-1) > self.colour_gap, 1e3, cost)
         rows, cols = linear_sum_assignment(cost)
         hits = [(p, r) for p, r in zip(rows, cols) if cost[p, r] <= GATE]
         missed = [p for p in range(self.count) if p not in {q for q, _ in hits}]
@@ -107,6 +113,8 @@ class PartTracks:
         self.areas = np.concatenate([self.areas, other.areas])
         self.centres = np.concatenate([self.centres, other.centres])
         self.key += other.key
+        if self.colours is not None and other.colours is not None:
+            self.colours = np.concatenate([self.colours, other.colours])
         for t in set(self.cover) | set(other.cover):
             mine = self.cover.get(t, np.zeros((n, *next(iter(other.cover.values())).shape[1:]), bool))
             theirs = other.cover.get(t, np.zeros((other.count, *mine.shape[1:]), bool))
