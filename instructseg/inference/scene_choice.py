@@ -138,7 +138,6 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
                              align_corners=False)[0].cpu().numpy(), image
 
     key_logits: dict[int, np.ndarray] = {}  # the key frames' decodes, to tell which object a region is
-
     colours: dict[int, np.ndarray] = {}  # frame -> its regions' median colours (R, 3)
 
     def regions(t: int) -> list[np.ndarray]:
