@@ -65,7 +65,8 @@ GATE = 0.25  # a part follows a region of the next frame whose centre is at most
 class PartTracks:
     """The parts of one object's key-frame mask followed through the frames of the object's own decodes: on each
     frame the mask's regions (connected, specks left out) are matched one to one with the parts by the distance
-    from where each part was heading (its last centre plus its last step), within `GATE`."""
+    from where each part was heading (its last centre plus its last step), within `GATE`, and, given colours,
+    only with regions of the part's own colour."""
 
     def __init__(self, labels: np.ndarray, count: int, num_frames: int, *, keep_masks: bool = False,
                  colours: np.ndarray | None = None, colour_gap: float = 0.0):
@@ -113,8 +114,8 @@ class PartTracks:
         self.areas = np.concatenate([self.areas, other.areas])
         self.centres = np.concatenate([self.centres, other.centres])
         self.key += other.key
-        if self.colours is not None and other.colours is not None:
-            self.colours = np.concatenate([self.colours, other.colours])
+        both = self.colours is not None and other.colours is not None  # (otherwise no part is held to its colour)
+        self.colours = np.concatenate([self.colours, other.colours]) if both else None
         for t in set(self.cover) | set(other.cover):
             mine = self.cover.get(t, np.zeros((n, *next(iter(other.cover.values())).shape[1:]), bool))
             theirs = other.cover.get(t, np.zeros((other.count, *mine.shape[1:]), bool))
