@@ -158,8 +158,8 @@ class InstructSegPredictor:
             if progress is not None:
                 progress(done, len(frames))
         if naming is not None:
-            names = answer.names if answer.names is not None else naming.names()
-            answer.text, answer.raw_text = naming.ground(answer.text, names), naming.ground(answer.raw_text, names)
+            answer.text, answer.raw_text = (naming.ground(answer.text, answer.names),
+                                            naming.ground(answer.raw_text, answer.names))
             result.text = answer.text
         total = time.perf_counter() - start
         result.timing.update(total_s=round(total, 4), frames=len(frames), llm_calls=answer.llm_calls,

@@ -157,7 +157,7 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
     later = {t: [np.packbits(m) for m in regions(t)] for t in range(num_frames) if t != first}
     later[first] = [np.packbits(m) for m in found]
     tracks = _followed(first, np.arange(len(found)), later, colours, num_frames, unpack)
-    starts = [(first, m) for m in found]
+    start = [first] * len(found)  # the key frame each track starts on (its region there: `tracks.key`)
     for k in sorted(key_prompts)[1:]:  # objects the first key frame does not show start on the next key frames
         seen = np.zeros(shape, bool)
         for packed in tracks.masks.get(k, {}).values():
@@ -165,7 +165,7 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
         new = [r for r, m in enumerate(map(unpack, later[k])) if (m & seen).sum() < NEW_OBJECT * m.sum()]
         if new:
             tracks.extend(_followed(k, np.array(new), later, colours, num_frames, unpack))
-            starts += [(k, unpack(later[k][r])) for r in new]
+            start += [k] * len(new)
     if tracks.count < (1 if words else 2):
         return None
     candidates = np.arange(tracks.count)
@@ -186,7 +186,7 @@ def choose_scene(decoder, frame_at: Callable[[int], torch.Tensor], image_at: Cal
             chosen = candidates[[int(np.argmax(score))]] if num_objects == 1 else candidates[kept]
         elif not named.implied:
             return None
-    owner = {int(p): int(np.argmax(key_logits[starts[p][0]][:, starts[p][1]].mean(1))) for p in chosen}
+    owner = {int(p): int(np.argmax(key_logits[start[p]][:, tracks.key[p]].mean(1))) for p in chosen}
     masks = {}
     for t in range(num_frames):
         mask = np.zeros((num_objects, *shape), bool)

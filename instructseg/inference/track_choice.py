@@ -117,16 +117,20 @@ class PartTracks:
         both = self.colours is not None and other.colours is not None  # (otherwise no part is held to its colour)
         self.colours = np.concatenate([self.colours, other.colours]) if both else None
         for t in set(self.cover) | set(other.cover):
-            mine = self.cover.get(t, np.zeros((n, *next(iter(other.cover.values())).shape[1:]), bool))
-            theirs = other.cover.get(t, np.zeros((other.count, *mine.shape[1:]), bool))
-            self.cover[t] = np.concatenate([mine, theirs])
+            mine, theirs = self.cover.get(t), other.cover.get(t)
+            self.cover[t] = np.concatenate([mine if mine is not None else self._no_cover(n),
+                                            theirs if theirs is not None else self._no_cover(other.count)])
         if self.masks is not None:
             for t, parts in (other.masks or {}).items():
                 self.masks.setdefault(t, {}).update({n + p: packed for p, packed in parts.items()})
 
-    def _record(self, t: int, parts: list[int], masks: list[np.ndarray]) -> None:
+    def _no_cover(self, count: int) -> np.ndarray:
+        """The cover of `count` parts on a frame where none is seen: (count, h / CELL, w / CELL) False."""
         h, w = self.key[0].shape
-        cover = np.zeros((self.count, -(-h // CELL), -(-w // CELL)), bool)
+        return np.zeros((count, -(-h // CELL), -(-w // CELL)), bool)
+
+    def _record(self, t: int, parts: list[int], masks: list[np.ndarray]) -> None:
+        cover = self._no_cover(self.count)
         for p, m in zip(parts, masks):
             c = np.array(_centre(m))
             if not np.isnan(self.last[p]).any():
